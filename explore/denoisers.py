@@ -1,0 +1,79 @@
+"""One protocol over every model family: denoiser(x_t, t, cond) -> Prediction.
+
+x_t is in the variance-preserving space the networks were trained on, t are
+original timesteps (0..999, possibly fractional for Karras grids).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Cond:
+    """What a denoiser is conditioned on."""
+
+    labels: Tensor | None = None  # int64 [B] class labels (None for unconditional models)
+    low_res: Tensor | None = None  # [B, 3, h, w] in [-1, 1] for super-resolution models
+
+    def repeat(self, times: int) -> "Cond":
+        """The same conditioning for a batch stacked `times` times."""
+        def rep(v):
+            return None if v is None else torch.cat([v] * times)
+        return Cond(rep(self.labels), rep(self.low_res))
+
+
+@dataclass
+class Prediction:
+    """A denoiser's output for one evaluation."""
+
+    eps: Tensor  # predicted noise, float32 [B, C, H, W]
+    var_values: Tensor | None = None  # learned-range interpolation in [-1, 1], None for fixed variance
+    grad: Tensor | None = None  # classifier guidance: scale * d/dx log p(y | x_t), or None
+    conflict_projection: bool = False  # combine grad with the denoising term by PixelAsParam projection
+    stats: dict[str, Tensor] = field(default_factory=dict)  # per-sample telemetry
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond) -> Prediction: ...
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for the network forward only (samplers always compute in fp32)."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class ADMDenoiser:
+    """Adapter for ADM-style UNets (official checkpoints and the built-in family).
+
+    The network returns eps (3 channels) or eps + learned-range values (6 channels).
+    """
+
+    def __init__(self, module: torch.nn.Module, learn_sigma: bool, precision: torch.dtype | None = None,
+                 channels_last: bool = False):
+        self.module = module
+        self.learn_sigma = learn_sigma
+        self.precision = precision
+        self.channels_last = channels_last
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond) -> Prediction:
+        inputs = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        with autocast_context(x.device, self.precision):
+            kwargs = {"y": cond.labels}
+            if cond.low_res is not None:
+                kwargs["low_res"] = cond.low_res
+            out = self.module(inputs, t, **kwargs).float()
+        if self.learn_sigma:
+            eps, var_values = out.split(x.shape[1], dim=1)
+            return Prediction(eps.contiguous(), var_values.contiguous())
+        return Prediction(out.contiguous())

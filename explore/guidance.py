@@ -1,0 +1,114 @@
+"""Guidance as wrappers from denoiser to denoiser, and how a guidance gradient meets the update."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from explore.denoisers import Cond, Denoiser, Prediction, autocast_context
+
+
+class ClassifierFreeGuidance:
+    """eps = eps_uncond + scale * (eps_cond - eps_uncond) (Ho & Salimans 2022).
+
+    The unconditional prediction comes either from the same model with a null
+    label (one batched forward) or from a second, unconditional model.
+    Scale 1 is exactly the conditional model; scale 0 the unconditional one.
+    """
+
+    def __init__(self, denoiser: Denoiser, scale: float, null_class: int | None = None,
+                 uncond_denoiser: Denoiser | None = None):
+        if (null_class is None) == (uncond_denoiser is None):
+            raise ValueError("classifier-free guidance needs either a null class or an unconditional model")
+        self.inner, self.scale, self.null_class, self.uncond = denoiser, float(scale), null_class, uncond_denoiser
+
+    def _uncond_cond(self, cond: Cond) -> Cond:
+        if self.uncond is not None:
+            return replace(cond, labels=None)
+        return replace(cond, labels=torch.full_like(cond.labels, self.null_class))
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond) -> Prediction:
+        if cond.labels is None:
+            raise ValueError("classifier-free guidance needs class labels")
+        if self.scale == 1.0:
+            return self.inner(x, t, cond)
+        if self.scale == 0.0:
+            return (self.uncond or self.inner)(x, t, self._uncond_cond(cond))
+        if self.uncond is not None:
+            cond_pred, uncond_pred = self.inner(x, t, cond), self.uncond(x, t, self._uncond_cond(cond))
+        else:
+            both = self.inner(torch.cat([x, x]), torch.cat([t, t]), _stack(cond, self._uncond_cond(cond)))
+            cond_pred = Prediction(*[None if v is None else v.chunk(2)[0] for v in (both.eps, both.var_values)])
+            uncond_pred = Prediction(both.eps.chunk(2)[1])
+        delta = cond_pred.eps - uncond_pred.eps
+        pred = Prediction(uncond_pred.eps + self.scale * delta, cond_pred.var_values)
+        pred.stats["cfg_delta_norm"] = delta.flatten(1).norm(dim=1)
+        return pred
+
+
+def _stack(a: Cond, b: Cond) -> Cond:
+    def cat(u, v):
+        return None if u is None else torch.cat([u, v])
+    return Cond(cat(a.labels, b.labels), cat(a.low_res, b.low_res))
+
+
+class ClassifierGuidance:
+    """Attach scale * grad_x log p(y | x_t) from a noisy classifier (Dhariwal & Nichol 2021, Alg. 1-2).
+
+    The samplers apply it: as a mean shift for ancestral sampling, in score form
+    for the others. With method 'conflict' the gradient and the denoising term are
+    combined by PixelAsParam's conflict projection (Dinh et al. 2023).
+    Scale 0 reports the classifier's log p(y | x_t) without changing the sample.
+    """
+
+    def __init__(self, denoiser: Denoiser, classifier: torch.nn.Module, scale: float,
+                 method: str = "standard", precision: torch.dtype | None = None):
+        if method not in ("standard", "conflict"):
+            raise ValueError(f"unknown guidance method {method!r}; expected 'standard' or 'conflict'")
+        self.inner, self.classifier, self.scale, self.method = denoiser, classifier, float(scale), method
+        self.precision = precision
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond) -> Prediction:
+        if cond.labels is None:
+            raise ValueError("classifier guidance needs class labels")
+        pred = self.inner(x, t, cond)
+        log_prob, grad = classifier_log_prob_and_grad(self.classifier, x, t, cond.labels,
+                                                      with_grad=self.scale != 0.0, precision=self.precision)
+        pred.stats["log_prob"] = log_prob
+        if grad is not None:
+            pred.grad = self.scale * grad
+            pred.conflict_projection = self.method == "conflict"
+            pred.stats["guidance_grad_norm"] = pred.grad.flatten(1).norm(dim=1)
+        return pred
+
+
+def classifier_log_prob_and_grad(classifier: torch.nn.Module, x: Tensor, t: Tensor, labels: Tensor,
+                                 with_grad: bool = True, precision: torch.dtype | None = None):
+    """Per-sample log p(y | x_t) and, optionally, d/dx of its sum over the batch."""
+    with torch.enable_grad() if with_grad else torch.no_grad():
+        x_in = x.detach().requires_grad_(with_grad)
+        with autocast_context(x.device, precision):
+            logits = classifier(x_in, t)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        selected = log_probs[torch.arange(len(labels), device=x.device), labels]
+        grad = torch.autograd.grad(selected.sum(), x_in)[0].float() if with_grad else None
+    return selected.detach(), grad
+
+
+def combine(denoise_term: Tensor, guide_term: Tensor, conflict_projection: bool) -> Tensor:
+    """denoise_term + guide_term, or PixelAsParam's conflict projection (Dinh et al. 2023).
+
+    Per sample: when the two terms point against each other (negative inner
+    product), each is projected onto the normal plane of the other before they
+    are added; otherwise they are added unchanged.
+    """
+    if not conflict_projection:
+        return denoise_term + guide_term
+    d, g = denoise_term.flatten(1), guide_term.flatten(1)
+    dot = (d * g).sum(1, keepdim=True)
+    tiny = torch.finfo(d.dtype).tiny
+    d_proj = d - dot / (g * g).sum(1, keepdim=True).clamp_min(tiny) * g
+    g_proj = g - dot / (d * d).sum(1, keepdim=True).clamp_min(tiny) * d
+    out = torch.where(dot < 0, d_proj + g_proj, d + g)
+    return out.view_as(denoise_term)
