@@ -55,10 +55,10 @@ class ADMDenoiser:
     The network returns eps (3 channels) or eps + learned-range values (6 channels).
     """
 
-    def __init__(self, module: torch.nn.Module, learn_sigma: bool, precision: torch.dtype | None = None,
-                 channels_last: bool = False):
+    def __init__(self, module: torch.nn.Module, learn_sigma: bool, class_cond: bool = True,
+                 precision: torch.dtype | None = None, channels_last: bool = False):
         self.module = module
-        self.learn_sigma = learn_sigma
+        self.learn_sigma, self.class_cond = learn_sigma, class_cond
         self.precision = precision
         self.channels_last = channels_last
 
@@ -69,7 +69,7 @@ class ADMDenoiser:
     def __call__(self, x: Tensor, t: Tensor, cond: Cond) -> Prediction:
         inputs = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         with autocast_context(x.device, self.precision):
-            kwargs = {"y": cond.labels}
+            kwargs = {"y": cond.labels if self.class_cond else None}
             if cond.low_res is not None:
                 kwargs["low_res"] = cond.low_res
             out = self.module(inputs, t, **kwargs).float()

@@ -12,7 +12,7 @@ on variance-exploding noise levels sigma = sqrt((1 - abar) / abar) (Karras et al
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Callable, Iterator
 
@@ -48,6 +48,7 @@ class Grid:
     schedule: Schedule  # respaced schedule (DDPM / DDIM walk its indices K-1 .. 0)
     base: Schedule  # the full schedule the model was trained on
     karras: bool = False
+    start: int = 0  # first loop step to run (x_T is then the input of that step)
 
     @classmethod
     def make(cls, noise_schedule: str = "linear", respacing: str = "", steps: int = 1000,
@@ -57,6 +58,12 @@ class Grid:
 
     def __len__(self) -> int:
         return len(self.schedule)
+
+    def from_step(self, start: int) -> "Grid":
+        """The same grid, entered at loop step `start` (replay a step, or branch a trajectory)."""
+        if not 0 <= start < len(self):
+            raise ValueError(f"start step {start} is outside 0..{len(self) - 1}")
+        return replace(self, start=start)
 
     @cached_property
     def sigmas(self) -> np.ndarray:
@@ -121,7 +128,7 @@ def sample_ddpm(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: 
     """
     _no_karras(grid, "ddpm")
     sched, x, total = grid.schedule, x_T, len(grid)
-    for s in range(total):
+    for s in range(grid.start, total):
         k = total - 1 - s
         t = _stack_t(sched.timesteps[k], x)
         pred = denoiser(x, t, cond)
@@ -151,7 +158,7 @@ def sample_ddim(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: 
     """DDIM (Song et al. 2021, eq. 12); eta = 1 gives ancestral-like noise. Guidance in score form."""
     _no_karras(grid, "ddim")
     sched, x, total = grid.schedule, x_T, len(grid)
-    for s in range(total):
+    for s in range(grid.start, total):
         k = total - 1 - s
         t = _stack_t(sched.timesteps[k], x)
         x0, eps, pred, guide = _denoise(denoiser, x, t, cond, sched.alphas_cumprod[k], clip_denoised)
@@ -189,8 +196,8 @@ def sample_euler(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise:
                  clip_denoised: bool = True) -> Iterator[Step]:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 with Euler steps)."""
     model, sigmas, times = _VEModel(denoiser, cond, clip_denoised), grid.sigmas, grid.times
-    x, total = x_T * math.sqrt(1.0 + sigmas[0] ** 2), len(grid)
-    for s in range(total):
+    x, total = x_T * math.sqrt(1.0 + sigmas[grid.start] ** 2), len(grid)
+    for s in range(grid.start, total):
         x0, eps, pred, guide = model(x, sigmas[s], times[s])
         x = x + (sigmas[s + 1] - sigmas[s]) * eps  # d = (x - x0) / sigma = eps
         yield _ve_step(s, total, times[s], sigmas[s], sigmas[s + 1], x, x0, eps, guide, pred)
@@ -200,8 +207,8 @@ def sample_euler_ancestral(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Co
                            eta: float = 1.0, clip_denoised: bool = True) -> Iterator[Step]:
     """Euler step down to sigma_down, then fresh noise up to sigma_next (k-diffusion's ancestral Euler)."""
     model, sigmas, times = _VEModel(denoiser, cond, clip_denoised), grid.sigmas, grid.times
-    x, total = x_T * math.sqrt(1.0 + sigmas[0] ** 2), len(grid)
-    for s in range(total):
+    x, total = x_T * math.sqrt(1.0 + sigmas[grid.start] ** 2), len(grid)
+    for s in range(grid.start, total):
         x0, eps, pred, guide = model(x, sigmas[s], times[s])
         sigma, sigma_next = sigmas[s], sigmas[s + 1]
         sigma_up = min(sigma_next, eta * math.sqrt(max(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2, 0.0)))
@@ -218,8 +225,8 @@ def sample_heun(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: 
                 clip_denoised: bool = True) -> Iterator[Step]:
     """Heun's 2nd-order method with stochastic churn (Karras et al. 2022, Alg. 2)."""
     model, sigmas, times = _VEModel(denoiser, cond, clip_denoised), grid.sigmas, grid.times
-    x, total = x_T * math.sqrt(1.0 + sigmas[0] ** 2), len(grid)
-    for s in range(total):
+    x, total = x_T * math.sqrt(1.0 + sigmas[grid.start] ** 2), len(grid)
+    for s in range(grid.start, total):
         sigma, sigma_next = sigmas[s], sigmas[s + 1]
         gamma = min(churn / total, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
         # Increase noise temporarily.
@@ -245,9 +252,9 @@ def sample_dpmpp_2m(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noi
                     clip_denoised: bool = True) -> Iterator[Step]:
     """DPM-Solver++(2M), multistep 2nd order in log-sigma time (Lu et al. 2022, Alg. 2)."""
     model, sigmas, times = _VEModel(denoiser, cond, clip_denoised), grid.sigmas, grid.times
-    x, total = x_T * math.sqrt(1.0 + sigmas[0] ** 2), len(grid)
+    x, total = x_T * math.sqrt(1.0 + sigmas[grid.start] ** 2), len(grid)
     old_x0 = None
-    for s in range(total):
+    for s in range(grid.start, total):
         sigma, sigma_next = sigmas[s], sigmas[s + 1]
         x0, eps, pred, guide = model(x, sigma, times[s])
         if sigma_next == 0:

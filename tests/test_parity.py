@@ -1,0 +1,97 @@
+"""The engine reproduces guided-diffusion's adm32 runs (shared/reference) step by step and whole."""
+import numpy as np
+import pytest
+import torch
+
+from explore.denoisers import ADMDenoiser, Cond
+from explore.noise import BatchNoise, RecordedNoise
+from explore.samplers import Grid, sample_ddim, sample_ddpm
+from explore.zoo import load_model
+
+REF = np.load("tests/fixtures/adm32_outputs.npz")
+FLAGS = "--image_size 32 --num_channels 32 --num_res_blocks 1 --num_heads 2 --attention_resolutions 16 " \
+        "--channel_mult 1,2 --learn_sigma True --resblock_updown True --use_scale_shift_norm True"
+
+
+@pytest.fixture(scope="module")
+def adm32():
+    loaded = load_model("tests/fixtures/adm32.pt", flags=FLAGS)
+    return ADMDenoiser(loaded.module, learn_sigma=True, class_cond=False), loaded
+
+
+def ref(name):
+    return torch.from_numpy(REF[name])
+
+
+def report(name, err):
+    print(f"parity {name}: max abs error {err:.3g}")
+
+
+def test_forward(adm32):
+    _, loaded = adm32
+    with torch.no_grad():
+        out = loaded.module(ref("fwd_x"), ref("fwd_t"))
+    err = (out - ref("fwd_out")).abs().max().item()
+    report("forward", err)
+    assert err < 1e-4
+
+
+def test_timestep_maps(adm32):
+    assert Grid.make("linear", "ddim10").schedule.timesteps.tolist() == REF["timestep_map_ddim10"].tolist()
+    assert Grid.make("linear", "10").schedule.timesteps.tolist() == REF["timestep_map_10"].tolist()
+
+
+def test_ancestral_steps_replayed_from_stored_inputs(adm32):
+    """Each step from the stored input with the stored noise: the sample and pred_x0.
+
+    pred_x0 = sqrt(1/abar) x - sqrt(1/abar - 1) eps amplifies eps's float error by
+    sqrt(1/abar) (~156 at t=999 on the linear schedule), so its tolerance scales with it.
+    """
+    denoiser, _ = adm32
+    grid = Grid.make("linear", "10")
+    samples, noise = ref("p10_samples"), ref("p10_noise")
+    worst_x = worst_x0 = 0.0
+    for s in range(10):
+        x_in = ref("x_T") if s == 0 else samples[s - 1]
+        step = next(sample_ddpm(denoiser, x_in, grid.from_step(s), Cond(), RecordedNoise(x_in, noise)))
+        amplification = grid.schedule.sqrt_recip_alphas_cumprod[9 - s]
+        worst_x = max(worst_x, (step.x - samples[s]).abs().max().item())
+        worst_x0 = max(worst_x0, (step.pred_x0 - ref("p10_pred_xstart")[s]).abs().max().item() / amplification)
+    report("ancestral step-by-step x", worst_x)
+    report("ancestral step-by-step pred_x0 / sqrt(1/abar)", worst_x0)
+    assert worst_x < 1e-4 and worst_x0 < 1e-5
+
+
+def test_ddim_steps_replayed_from_stored_inputs(adm32):
+    denoiser, _ = adm32
+    grid = Grid.make("linear", "ddim10")
+    samples, worst = ref("ddim10_samples"), 0.0
+    for s in range(10):
+        x_in = ref("x_T") if s == 0 else samples[s - 1]
+        step = next(sample_ddim(denoiser, x_in, grid.from_step(s), Cond(), RecordedNoise(x_in, ref("p10_noise"))))
+        worst = max(worst, (step.x - samples[s]).abs().max().item(),
+                    (step.pred_x0 - ref("ddim10_pred_xstart")[s]).abs().max().item())
+    report("ddim step-by-step", worst)
+    assert worst < 1e-4
+
+
+def test_ancestral_whole_loop_with_seeded_noise(adm32):
+    denoiser, _ = adm32
+    grid = Grid.make("linear", "10")
+    noise = BatchNoise(int(REF["p10_seed"][0]), (2, 3, 32, 32), x_T=ref("x_T"))
+    steps = list(sample_ddpm(denoiser, noise.initial(), grid, Cond(), noise))
+    err = max((st.x - ref("p10_samples")[i]).abs().max().item() for i, st in enumerate(steps))
+    report("ancestral whole loop", err)
+    assert err < 1e-3
+
+
+def test_ddim_whole_loop(adm32):
+    denoiser, _ = adm32
+    grid = Grid.make("linear", "ddim10")
+    noise = BatchNoise(int(REF["ddim10_seed"][0]), (2, 3, 32, 32), x_T=ref("x_T"))
+    steps = list(sample_ddim(denoiser, noise.initial(), grid, Cond(), noise))
+    err = max((st.x - ref("ddim10_samples")[i]).abs().max().item() for i, st in enumerate(steps))
+    err_x0 = max((st.pred_x0 - ref("ddim10_pred_xstart")[i]).abs().max().item() for i, st in enumerate(steps))
+    report("ddim whole loop", err)
+    report("ddim pred_x0", err_x0)
+    assert err < 1e-3 and err_x0 < 1e-3
