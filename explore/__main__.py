@@ -34,7 +34,7 @@ EXTRA_FLAGS = {
     "noise": (str, None, ".npz/.npy with x_T (and optional per-step 'steps') to start from"),
     "device": (str, None, "cpu, cuda, cuda:1, mps (default: best available)"),
     "precision": (str, "fp32", "fp32, bf16 or fp16 for the network forward"),
-    "eta": (float, 0.0, "DDIM / Euler-ancestral noise"),
+    "eta": (float, None, "DDIM / Euler-ancestral noise (default 0 for ddim, 1 for euler_a)"),
     "churn": (float, 0.0, "Heun stochastic churn"),
     "karras": (str, "False", "Karras sigmas for euler / euler_a / heun / dpmpp_2m"),
     "out_dir": (str, "samples", "where the .npz and the PNG grid go"),

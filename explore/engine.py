@@ -38,7 +38,7 @@ class Recipe:
     classifier: str | None = None  # noisy classifier for classifier guidance
     classifier_scale: float = 0.0  # classifier-guidance scale
     guidance_method: str = "standard"  # "standard" or "conflict" (PixelAsParam projection)
-    eta: float = 0.0  # DDIM / Euler-ancestral noise
+    eta: float | None = None  # DDIM / Euler-ancestral noise; None = the sampler's default (0 / 1)
     churn: float = 0.0  # Heun stochastic churn (S_churn)
     seed: int = 0  # image i uses seed + i
     batch_size: int = 1
@@ -68,6 +68,8 @@ class Recipe:
         for name, low, high in [("cfg_scale", 0.0, 100.0), ("classifier_scale", 0.0, 1000.0),
                                 ("eta", 0.0, 1.0), ("churn", 0.0, 1000.0)]:
             value = getattr(self, name)
+            if value is None and name == "eta":
+                continue
             if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
                 raise RecipeError(f"{name}: {value!r} is outside the accepted range [{low:g}, {high:g}]")
         if self.guidance_method not in ("standard", "conflict"):
@@ -82,7 +84,7 @@ class Recipe:
             raise RecipeError(f"karras: Karras sigmas apply to euler, euler_a, heun and dpmpp_2m, not {self.sampler}")
 
     def sampler_options(self) -> dict:
-        return {name: getattr(self, name) for name in SAMPLER_OPTIONS[self.sampler]}
+        return {name: getattr(self, name) for name in SAMPLER_OPTIONS[self.sampler] if getattr(self, name) is not None}
 
     def cli_command(self, out_dir: str = "samples") -> str:
         """The equivalent `python -m explore sample` command line."""

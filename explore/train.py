@@ -282,11 +282,17 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no_bf16", action="store_true", help="train in fp32")
     parser.add_argument("--export", type=Path, help="write the EMA weights to this .safetensors file when done")
+    parser.add_argument("--export_only", action="store_true", help="export the run's current state without training")
     args = parser.parse_args(argv)
     spec = TrainSpec(kind=args.kind, run_dir=args.run_dir or Path("runs") / args.kind, data=args.data,
                      seed=args.seed, batch=args.batch, lr=args.lr, steps=args.steps, minutes=args.minutes,
                      ema=args.ema, label_dropout=args.label_dropout, bf16=not args.no_bf16, threads=args.threads)
     trainer = Trainer(spec)
+    if args.export_only:
+        if not args.export:
+            parser.error("--export_only needs --export PATH")
+        print("exported", trainer.export(args.export), "at step", trainer.step)
+        return
     print(f"{spec.kind}: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters, "
           f"resuming at step {trainer.step}" if trainer.step else
           f"{spec.kind}: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters, new run")
