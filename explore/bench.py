@@ -1,0 +1,432 @@
+"""Benchmark the engine side by side: python -m explore.bench [--quick] [--out docs/benchmarks.md].
+
+The machine is noisy, so every comparison interleaves its variants round-robin
+in one process and reports medians over repeats and the ratios between them.
+Writes a Markdown report and a JSON file with every number.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from explore.denoisers import ADMDenoiser, Cond
+from explore.engine import Recipe, plan
+from explore.guidance import ClassifierGuidance
+from explore.models import adm
+from explore.models.configs import classifier_config_from_flags, unet_config_from_flags
+from explore.models.presets import get_preset
+from explore.noise import PerImageNoise
+from explore.registry import ModelRegistry
+from explore.samplers import Grid, sample_ddpm
+from explore.zoo import build_model
+
+# Timings of the original guided-diffusion code on this kind of machine (2 cores, torch 2.13.0 CPU,
+# fp32), given in the speed issue; they are anchors, not re-measured here.
+ORIGINAL_ANCHORS_S = {
+    "adm32_ancestral50_b4": 1.42,
+    "adm64_small_ancestral50_b4": 7.42,
+    "official64_forward_b1": 1.17,
+    "official64_forward_b4": 4.74,
+    "official64_classifier_grad_b4": 2.28,
+}
+ADM32_FLAGS = dict(image_size=32, num_channels=32, num_res_blocks=1, num_heads=2, attention_resolutions="16",
+                   channel_mult="1,2", learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True)
+# 1.13M parameters, attention at 32x32 dominates (the anchor's exact flags are not recorded)
+ADM64_SMALL_FLAGS = dict(image_size=64, num_channels=64, num_res_blocks=1, num_heads=2,
+                         attention_resolutions="32,16,8", channel_mult="1,1", learn_sigma=True,
+                         resblock_updown=False, use_scale_shift_norm=False)
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Run the variants round-robin `repeats` times; median and all samples per variant."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(s), "samples_s": [round(v, 5) for v in s]}
+            for name, s in samples.items()}
+
+
+@contextlib.contextmanager
+def plain_attention():
+    """The straightforward floor: attention as explicit matmuls + fp32 softmax (as the original writes it)."""
+    fused = adm.qkv_attention
+
+    def naive(qkv, heads, new_order):
+        b, width, length = qkv.shape
+        d = width // (3 * heads)
+        if new_order:
+            q, k, v = qkv.reshape(b, 3, heads, d, length).unbind(1)
+        else:
+            q, k, v = qkv.reshape(b, heads, 3, d, length).unbind(2)
+        scale = d ** -0.25
+        weight = torch.einsum("bhct,bhcs->bhts", q * scale, k * scale)
+        weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
+        return torch.einsum("bhts,bhcs->bhct", weight, v).reshape(b, heads * d, length)
+
+    adm.qkv_attention = naive
+    try:
+        yield
+    finally:
+        adm.qkv_attention = fused
+
+
+def random_model(kind: str, flags: dict, seed: int = 0) -> torch.nn.Module:
+    """A model of the given architecture with random (non-zero) weights, eval mode."""
+    cfg = (classifier_config_from_flags if kind == "classifier" else unet_config_from_flags)(flags)
+    module = build_model(kind, cfg, device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.02 if p.ndim > 1 else 0.01))
+    return module.eval().requires_grad_(False)
+
+
+def count_flops(module, *args, **kwargs) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def matmul_flops_per_s(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# --- workloads --------------------------------------------------------------------------------
+
+def builtin_sampling(registry: ModelRegistry, repeats: int, batches=(1, 16)) -> dict:
+    """The built-in base, 50 DDIM steps: no guidance / CFG / classifier guidance, engine fp32 vs bf16 vs plain."""
+    out = {}
+    for batch in batches:
+        variants = {}
+        for label, extra in [("none", {}), ("cfg3", {"cfg_scale": 3.0}),
+                             ("classifier1", {"classifier": "scenes32_classifier", "classifier_scale": 1.0})]:
+            for precision in ("fp32", "bf16"):
+                recipe = Recipe(model="scenes32_base", class_label=0, sampler="ddim", respacing="50",
+                                batch_size=batch, precision=precision, **extra)
+                variants[f"{label}/{precision}"] = lambda r=recipe: _drain(plan(r, registry))
+            recipe = Recipe(model="scenes32_base", class_label=0, sampler="ddim", respacing="50",
+                            batch_size=batch, **extra)
+            variants[f"{label}/plain"] = lambda r=recipe: _plain(lambda: _drain(plan(r, registry)))
+        out[f"b{batch}"] = interleaved(variants, repeats)
+    return out
+
+
+def _drain(p) -> torch.Tensor:
+    last = None
+    for last in p.steps():
+        pass
+    return last.x
+
+
+def _plain(fn):
+    with plain_attention():
+        return fn()
+
+
+def diffusers_peer(registry: ModelRegistry, repeats: int) -> dict:
+    """diffusers' DDIMScheduler loop driving the same built-in weights vs the engine's DDIM."""
+    from diffusers import DDIMScheduler
+    entry = registry.get("scenes32_base")
+    module = entry.module
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                          set_alpha_to_one=True, timestep_spacing="leading", prediction_type="epsilon")
+    sched.set_timesteps(50)
+    labels = torch.zeros(1, dtype=torch.int64)
+
+    def diffusers_loop():
+        x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for t in sched.timesteps:
+                eps = module(x, t.expand(1), y=labels)
+                x = sched.step(eps, t, x).prev_sample
+        return x
+
+    recipe = Recipe(model="scenes32_base", class_label=0, sampler="ddim", respacing="ddim50")
+    return interleaved({"engine": lambda: _drain(plan(recipe, registry)), "diffusers_ddim": diffusers_loop}, repeats)
+
+
+def adm_loops(repeats: int) -> dict:
+    """50-step ancestral loops at batch 4 on the anchors' small ADMs: engine fp32 / bf16 / plain."""
+    out = {}
+    for name, flags in [("adm32", ADM32_FLAGS), ("adm64_small", ADM64_SMALL_FLAGS)]:
+        module = random_model("diffusion", flags)
+        params = sum(p.numel() for p in module.parameters())
+        size = flags["image_size"]
+
+        def loop(precision=None, module=module, size=size):
+            den = ADMDenoiser(module, learn_sigma=True, class_cond=False, precision=precision)
+            grid = Grid.make("linear", "50")
+            noise = PerImageNoise.from_seed(0, 4, (3, size, size))
+            with torch.no_grad():
+                for step in sample_ddpm(den, noise.initial(), grid, Cond(), noise):
+                    pass
+            return step.x
+
+        res = interleaved({"fp32": loop, "bf16": lambda: loop(torch.bfloat16),
+                           "plain": lambda: _plain(loop)}, repeats)
+        res["params"] = params
+        res["anchor_original_s"] = ORIGINAL_ANCHORS_S[f"{name}_ancestral50_b4"]
+        out[name] = res
+    return out
+
+
+def official64(repeats: int) -> dict:
+    """One forward of the official 64x64 ADM (random weights) and its classifier's guidance gradient."""
+    preset = get_preset("64x64_diffusion")
+    module = random_model("diffusion", preset.flags)
+    out = {"params": sum(p.numel() for p in module.parameters())}
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 64, 64)
+        t = torch.full((batch,), 500)
+        y = torch.zeros(batch, dtype=torch.int64)
+
+        def fwd(dtype=None, x=x, t=t, y=y):
+            with torch.no_grad(), autocast(dtype):
+                return module(x, t, y=y)
+
+        res = interleaved({"fp32": fwd, "bf16": lambda: fwd(torch.bfloat16),
+                           "plain": lambda: _plain(fwd)}, repeats)
+        res["anchor_original_s"] = ORIGINAL_ANCHORS_S[f"official64_forward_b{batch}"]
+        out[f"forward_b{batch}"] = res
+        if batch == 1:
+            out["flops_b1"] = count_flops(module, x, t, y=y)
+    clf_preset = get_preset("64x64_classifier")
+    clf = random_model("classifier", clf_preset.flags)
+    x, t, y = torch.randn(4, 3, 64, 64), torch.full((4,), 500), torch.zeros(4, dtype=torch.int64)
+    from explore.guidance import classifier_log_prob_and_grad
+
+    res = interleaved({
+        "fp32": lambda: classifier_log_prob_and_grad(clf, x, t, y),
+        "bf16": lambda: classifier_log_prob_and_grad(clf, x, t, y, precision=torch.bfloat16),
+        "plain": lambda: _plain(lambda: classifier_log_prob_and_grad(clf, x, t, y)),
+    }, repeats)
+    res["anchor_original_s"] = ORIGINAL_ANCHORS_S["official64_classifier_grad_b4"]
+    out["classifier_grad_b4"] = res
+    del module, clf
+    return out
+
+
+def guided_step_cost(registry: ModelRegistry, repeats: int) -> dict:
+    """One step at batch 1 on the built-in models: unguided vs classifier-guided."""
+    base = registry.get("scenes32_base")
+    clf = registry.get("scenes32_classifier")
+    den = ADMDenoiser(base.module, learn_sigma=False, class_cond=True)
+    guided = ClassifierGuidance(den, clf.module, 1.0)
+    x, t, cond = torch.randn(1, 3, 32, 32), torch.full((1,), 500), Cond(torch.zeros(1, dtype=torch.int64))
+
+    def call(d):
+        with torch.no_grad():
+            return d(x, t, cond)
+
+    return interleaved({"unguided": lambda: call(den), "classifier_guided": lambda: call(guided)}, repeats * 10)
+
+
+def streaming(registry: ModelRegistry, repeats: int) -> dict:
+    """The app's streaming path: previews (uint8 frames of x_t and pred_x0) every step vs none."""
+    from explore.outputs import to_uint8
+
+    recipe = Recipe(model="scenes32_base", class_label=0, sampler="ddim", respacing="50", cfg_scale=3.0)
+
+    def run(every: int):
+        frames = 0
+        for step in plan(recipe, registry).steps():
+            if every and step.index % every == 0:
+                to_uint8(step.x), to_uint8(step.pred_x0)
+                frames += 1
+        return frames
+
+    try:  # the app's own preview handler, when the UI package provides one
+        from explore.ui.sampling import preview_overhead_variants  # type: ignore
+        variants = preview_overhead_variants(registry)
+    except Exception:
+        variants = {"previews_every_step": lambda: run(1), "no_previews": lambda: run(0)}
+    return interleaved(variants, repeats)
+
+
+def physical(registry: ModelRegistry) -> dict:
+    base = registry.get("scenes32_base").module
+    x, t, y = torch.randn(1, 3, 32, 32), torch.full((1,), 500), torch.zeros(1, dtype=torch.int64)
+    return {
+        "builtin_base_flops_b1": count_flops(base, x, t, y=y),
+        "matmul_fp32_flops_per_s": matmul_flops_per_s(torch.float32),
+        "matmul_bf16_flops_per_s": matmul_flops_per_s(torch.bfloat16),
+    }
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "cuda": torch.cuda.is_available(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def _ms(v: float) -> str:
+    return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def report(results: dict) -> str:
+    r = results
+    m = r["machine"]
+    lines = ["# Benchmarks", "",
+             f"Produced by `{r['command']}` on {m['date']}: {m['cpu']}, {m['cores']} cores, "
+             f"{m['threads']} torch threads, torch {m['torch']}, CUDA {'yes' if m['cuda'] else 'no'}. "
+             f"Medians over {r['repeats']} interleaved repeats; ratios compare variants measured side by side "
+             "in the same run.", "", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    b1 = r["builtin"]["b1"]
+    cfg_time = min(b1["cfg3/fp32"]["median_s"], b1["cfg3/bf16"]["median_s"])
+    lines.append(f"| built-in base, 1 image, 50 steps with CFG <= 1.0 s engine time | {_ms(cfg_time)} "
+                 f"(fp32 {_ms(b1['cfg3/fp32']['median_s'])}, bf16 {_ms(b1['cfg3/bf16']['median_s'])}) | "
+                 f"{_verdict(cfg_time <= 1.0)} |")
+    s = r["streaming"]
+    names = list(s)
+    overhead = s[names[0]]["median_s"] / s[names[1]]["median_s"] - 1
+    lines.append(f"| previews every step cost <= 5% over none | {overhead * 100:+.1f}% | {_verdict(overhead <= 0.05)} |")
+    g = r["guided_step"]
+    ratio = g["classifier_guided"]["median_s"] / g["unguided"]["median_s"]
+    lines.append(f"| classifier-guided step <= 1.6x an unguided step (batch 1, built-in) | {ratio:.2f}x | "
+                 f"{_verdict(ratio <= 1.6)} |")
+    for name, res in r["adm_loops"].items():
+        fp32 = res["anchor_original_s"] / res["fp32"]["median_s"]
+        bf16 = res["anchor_original_s"] / res["bf16"]["median_s"]
+        vs_plain = res["plain"]["median_s"] / res["fp32"]["median_s"]
+        lines.append(f"| {name} ({res['params'] / 1e6:.2f}M) 50-step ancestral b4: >= 1.5x original fp32 | "
+                     f"{_ms(res['fp32']['median_s'])} vs anchor {res['anchor_original_s']} s = {fp32:.2f}x "
+                     f"(vs plain floor in this run: {vs_plain:.2f}x) | {_verdict(fp32 >= 1.5)} |")
+        lines.append(f"| {name} with bf16: >= 2.5x original | {_ms(res['bf16']['median_s'])} = {bf16:.2f}x | "
+                     f"{_verdict(bf16 >= 2.5)} |")
+    if "official64" in r:
+        o = r["official64"]
+        for key in ("forward_b1", "forward_b4", "classifier_grad_b4"):
+            res = o[key]
+            fp32 = res["anchor_original_s"] / res["fp32"]["median_s"]
+            bf16 = res["anchor_original_s"] / res["bf16"]["median_s"]
+            lines.append(f"| official 64x64 {key}: >= 1.5x fp32 / >= 2.5x bf16 vs original | fp32 "
+                         f"{_ms(res['fp32']['median_s'])} ({fp32:.2f}x), bf16 {_ms(res['bf16']['median_s'])} "
+                         f"({bf16:.2f}x) vs anchor {res['anchor_original_s']} s | "
+                         f"{_verdict(fp32 >= 1.5)} / {_verdict(bf16 >= 2.5)} |")
+    if "bf16_fidelity" in r:
+        lines.append(f"| bf16 images within 40 dB PSNR of fp32 | {r['bf16_fidelity']['psnr_db']:.1f} dB | "
+                     f"{_verdict(r['bf16_fidelity']['psnr_db'] >= 40)} |")
+    lines += ["", "## All timings", "", "| workload | variant | median | ratio to first |", "|---|---|---|---|"]
+
+    def table(prefix, res):
+        items = [(k, v) for k, v in res.items() if isinstance(v, dict) and "median_s" in v]
+        if not items:
+            return
+        first = items[0][1]["median_s"]
+        for k, v in items:
+            lines.append(f"| {prefix} | {k} | {_ms(v['median_s'])} | {v['median_s'] / first:.2f} |")
+
+    for batch, res in r["builtin"].items():
+        table(f"built-in base 50 DDIM steps, batch {batch[1:]}", res)
+    table("built-in base: engine vs diffusers DDIMScheduler loop (same weights, batch 1)", r["diffusers"])
+    for name, res in r["adm_loops"].items():
+        table(f"{name} 50-step ancestral, batch 4", res)
+    if "official64" in r:
+        for key in ("forward_b1", "forward_b4", "classifier_grad_b4"):
+            table(f"official 64x64 {key}", r["official64"][key])
+    table("built-in one model call, batch 1", r["guided_step"])
+    table("streaming 50 steps CFG 3", r["streaming"])
+    p = r["physical"]
+    lines += ["", "## Physical limit", "",
+              f"- built-in base forward (batch 1): {p['builtin_base_flops_b1'] / 1e9:.3f} GFLOP counted; "
+              f"at the measured no-guidance fp32 rate ({_ms(b1['none/fp32']['median_s'] / 50)} per step) that is "
+              f"{p['builtin_base_flops_b1'] / (b1['none/fp32']['median_s'] / 50) / 1e9:.1f} GFLOP/s.",
+              f"- large matmul (2048^2): fp32 {p['matmul_fp32_flops_per_s'] / 1e9:.0f} GFLOP/s, "
+              f"bf16 {p['matmul_bf16_flops_per_s'] / 1e9:.0f} GFLOP/s."]
+    if "official64" in r:
+        o = r["official64"]
+        for prec in ("fp32", "bf16"):
+            rate = o["flops_b1"] / o["forward_b1"][prec]["median_s"]
+            lines.append(f"- official 64x64 forward (batch 1): {o['flops_b1'] / 1e9:.1f} GFLOP; {prec} achieves "
+                         f"{rate / 1e9:.0f} GFLOP/s.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def bf16_fidelity(registry: ModelRegistry) -> dict:
+    """PSNR of bf16 images against fp32 images for the same recipe (built-in base, 50 DDIM steps)."""
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        recipe = Recipe(model="scenes32_base", class_label=0, sampler="ddim", respacing="50", batch_size=8,
+                        precision=precision, cfg_scale=3.0)
+        outs[precision] = _drain(plan(recipe, registry))
+    mse = F.mse_loss((outs["bf16"] + 1) / 2, (outs["fp32"] + 1) / 2).item()
+    return {"psnr_db": 10 * np.log10(1 / max(mse, 1e-12))}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m explore.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats, skip the 300M-parameter official model")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--checkpoints", default="checkpoints")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 5)
+    registry = ModelRegistry(args.checkpoints, device="cpu")
+    results = {"machine": machine(), "repeats": repeats,
+               "command": "python -m explore.bench" + (" --quick" if args.quick else "")}
+    steps = [("builtin", lambda: builtin_sampling(registry, repeats)),
+             ("diffusers", lambda: diffusers_peer(registry, repeats)),
+             ("guided_step", lambda: guided_step_cost(registry, repeats)),
+             ("streaming", lambda: streaming(registry, repeats)),
+             ("bf16_fidelity", lambda: bf16_fidelity(registry)),
+             ("adm_loops", lambda: adm_loops(repeats)),
+             ("physical", lambda: physical(registry))]
+    if not args.quick:
+        steps.append(("official64", lambda: official64(max(2, repeats // 2))))
+    for name, fn in steps:
+        start = time.perf_counter()
+        results[name] = fn()
+        print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report(results))
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
