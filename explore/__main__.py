@@ -2,20 +2,26 @@
 
 The official flags are accepted verbatim (paste MODEL_FLAGS / CLASSIFIER_FLAGS /
 SAMPLE_FLAGS from the guided-diffusion README); the extras are --class_label,
---cfg_scale, --sampler, --seed, --noise, --device and a few more (see --help).
+--cfg_scale, --sampler, --seed, --noise, --device and a few more (listed below).
+Writes samples_NxHxWx3.npz (arr_0 uint8 NHWC, arr_1 labels for class-conditional
+runs) and a PNG grid that carries the recipe. Bad input: `error: ...` and exit code 2.
 """
 from __future__ import annotations
 
-import argparse
+import difflib
+import os
+import shlex
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from explore.engine import PRECISIONS, Recipe, RecipeError, plan
-from explore.models.configs import parse_bool, parse_flag_args
+from explore.engine import PRECISIONS, Recipe, RecipeError, SeededStepNoise, plan
+from explore.models.configs import (CLASSIFIER_DEFAULTS, MODEL_DEFAULTS, SCRIPT_DEFAULTS, SUPERRES_DEFAULTS,
+                                    parse_bool, parse_flag_args)
 from explore.noise import RecordedNoise
 from explore.outputs import (SampleFileError, from_uint8, image_grid, load_samples_npz, normalise_images,
                              save_png, save_samples_npz, to_uint8)
@@ -26,14 +32,16 @@ from explore.zoo import CheckpointError
 EXTRA_FLAGS = {
     # name: (type, default, help)
     "sampler": (str, None, f"one of {', '.join(SAMPLERS)} (default ddpm, or ddim with --use_ddim True)"),
-    "class_label": (int, None, "class for every image (default: a class per image from its seed)"),
+    "class_label": (int, None, "class for every image (default: a class per image from its seed; "
+                               "super-res: overrides the labels of --base_samples)"),
     "cfg_scale": (float, 1.0, "classifier-free guidance scale (1 = conditional model)"),
     "uncond_model_path": (str, None, "unconditional checkpoint for two-model CFG"),
     "guidance_method": (str, "standard", "'standard' or 'conflict' (PixelAsParam projection)"),
     "seed": (int, 0, "image i uses seed + i"),
-    "noise": (str, None, ".npz/.npy with x_T (and optional per-step 'steps') to start from"),
+    "noise": (str, None, ".npz/.npy with x_T [N, 3, H, W] (and optional per-step 'steps' [K, N, 3, H, W]); "
+                         "without steps the per-step noise comes from the seeds"),
     "device": (str, None, "cpu, cuda, cuda:1, mps (default: best available)"),
-    "precision": (str, "fp32", "fp32, bf16 or fp16 for the network forward"),
+    "precision": (str, "fp32", f"{', '.join(PRECISIONS)} for the network forward"),
     "eta": (float, None, "DDIM / Euler-ancestral noise (default 0 for ddim, 1 for euler_a)"),
     "churn": (float, 0.0, "Heun stochastic churn"),
     "karras": (str, "False", "Karras sigmas for euler / euler_a / heun / dpmpp_2m"),
@@ -42,6 +50,9 @@ EXTRA_FLAGS = {
 }
 SCRIPT_FLAGS = {"clip_denoised": "True", "num_samples": "16", "batch_size": "16", "use_ddim": "False",
                 "model_path": None, "classifier_path": None, "classifier_scale": "1.0", "timestep_respacing": "250"}
+OFFICIAL_FLAGS = {**SCRIPT_DEFAULTS, **CLASSIFIER_DEFAULTS, **SUPERRES_DEFAULTS, **MODEL_DEFAULTS}
+KNOWN_FLAGS = sorted({*OFFICIAL_FLAGS, *EXTRA_FLAGS, *SCRIPT_FLAGS})
+GIVEN = "_given"  # options key: the flags that were on the command line (not defaults)
 
 
 class CLIError(Exception):
@@ -54,7 +65,15 @@ def split_flags(argv: list[str]) -> tuple[dict, dict, dict]:
         flags = parse_flag_args(argv)
     except ValueError as err:
         raise CLIError(str(err)) from None
+    unknown = [k for k in flags if k not in KNOWN_FLAGS]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, KNOWN_FLAGS, n=1)
+            hints.append(f"--{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
+        raise CLIError(f"unknown flag{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; see --help")
     options = {k: flags.pop(k) for k in list(flags) if k in EXTRA_FLAGS or k in SCRIPT_FLAGS}
+    options[GIVEN] = frozenset(options)
     for key, default in SCRIPT_FLAGS.items():
         options.setdefault(key, default)
     for key, (_, default, _) in EXTRA_FLAGS.items():
@@ -72,14 +91,29 @@ def _typed(options: dict, key: str):
     try:
         return kind(value)
     except ValueError:
-        raise CLIError(f"--{key} expects {kind.__name__}, got {value!r}") from None
+        what = {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
+        raise CLIError(f"--{key} expects {what}, got {value!r}") from None
 
 
 def _int(options, key):
     try:
         return int(options[key])
-    except ValueError:
+    except (TypeError, ValueError):
         raise CLIError(f"--{key} expects a whole number, got {options[key]!r}") from None
+
+
+def _float(options, key):
+    try:
+        return float(options[key])
+    except (TypeError, ValueError):
+        raise CLIError(f"--{key} expects a number, got {options[key]!r}") from None
+
+
+def _bool(options, key):
+    try:
+        return parse_bool(options[key])
+    except ValueError:
+        raise CLIError(f"--{key} expects True or False, got {options[key]!r}") from None
 
 
 def make_registry(options: dict, model_flags: dict, classifier_flags: dict) -> ModelRegistry:
@@ -91,6 +125,10 @@ def make_registry(options: dict, model_flags: dict, classifier_flags: dict) -> M
             raise CLIError(f"--device {device!r} is not a device (use cpu, cuda, cuda:0, mps)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise CLIError("--device cuda was asked for but no CUDA GPU is available")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise CLIError("--device mps was asked for but MPS is not available")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise CLIError(f"--device {options['device']!r} is not supported (use cpu, cuda, cuda:0, mps)")
     flags = {}
     if options["model_path"]:
         flags[options["model_path"]] = model_flags or None
@@ -101,42 +139,90 @@ def make_registry(options: dict, model_flags: dict, classifier_flags: dict) -> M
 
 
 def recipe_from(options: dict, batch_size: int, seed: int) -> Recipe:
-    sampler = options["sampler"] or ("ddim" if parse_bool(options["use_ddim"]) else "ddpm")
+    sampler = options["sampler"] or ("ddim" if _bool(options, "use_ddim") else "ddpm")
     classifier = options["classifier_path"]
     return Recipe(
         model=options["model_path"], class_label=_typed(options, "class_label"), sampler=sampler,
-        respacing=options["timestep_respacing"], karras=parse_bool(options["karras"]),
+        respacing=options["timestep_respacing"], karras=_bool(options, "karras"),
         cfg_scale=_typed(options, "cfg_scale"), uncond_model=options["uncond_model_path"],
-        classifier=classifier, classifier_scale=float(options["classifier_scale"]) if classifier else 0.0,
+        classifier=classifier, classifier_scale=_float(options, "classifier_scale") if classifier else 0.0,
         guidance_method=options["guidance_method"], eta=_typed(options, "eta"), churn=_typed(options, "churn"),
-        seed=seed, batch_size=batch_size, clip_denoised=parse_bool(options["clip_denoised"]),
+        seed=seed, batch_size=batch_size, clip_denoised=_bool(options, "clip_denoised"),
         precision=options["precision"])
+
+
+def recipe_from_command(command: str | list[str]) -> Recipe:
+    """The Recipe a `python -m explore sample ...` command line describes (inverse of Recipe.cli_command)."""
+    tokens = shlex.split(command) if isinstance(command, str) else list(command)
+    if "sample" in tokens:
+        tokens = tokens[tokens.index("sample") + 1:]
+    options, _, _ = split_flags(tokens)
+    if not options["model_path"]:
+        raise CLIError("--model_path is required")
+    return recipe_from(options, _int(options, "num_samples"), _typed(options, "seed"))
+
+
+def load_noise(options: dict, device) -> RecordedNoise | None:
+    """The --noise file (x_T and optional per-step noise), checked; None without --noise."""
+    source = options["noise"]
+    if not source:
+        return None
+    path = Path(source)
+    if not path.is_file():
+        raise CLIError(f"--noise: {source} does not exist")
+    try:
+        noise = RecordedNoise.load(path, device)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise CLIError(f"--noise: {path.name} cannot be used ({err})") from None
+    if noise.x_T.shape[1] != 3:
+        raise CLIError(f"--noise: x_T must be [N, 3, H, W], got {list(noise.x_T.shape)}")
+    if noise.steps is not None and (noise.steps.ndim != 5 or noise.steps.shape[1:] != noise.x_T.shape):
+        raise CLIError(f"--noise: 'steps' must be [K, {', '.join(map(str, noise.x_T.shape))}], "
+                       f"got {list(noise.steps.shape)}")
+    return noise
+
+
+def _noise_slice(noise: RecordedNoise, start: int, count: int, seed: int):
+    x_T = noise.x_T[start:start + count]
+    if noise.steps is None:
+        return SeededStepNoise(x_T, seed, noise.device)
+    return RecordedNoise(x_T, noise.steps[:, start:start + count], noise.device)
 
 
 def run_batches(options, registry, total: int, batch_size: int, desc: str, low_res=None, labels=None):
     """Sample `total` images in batches; image i always uses seed + i. Returns uint8 NHWC, labels, recipe."""
     seed = _typed(options, "seed")
-    noise_file = RecordedNoise.load(options["noise"], registry.device) if options["noise"] else None
+    noise_file = load_noise(options, registry.device)
     if noise_file is not None:
-        total = batch_size = len(noise_file.x_T)
-    images, all_labels, recipe = [], [], None
-    first = recipe_from(options, min(batch_size, total), seed)
-    first.validate()
-    steps_per_batch = len(plan_grid_len(first))
-    bar = tqdm(total=steps_per_batch * total, desc=desc, unit="img-step", file=sys.stderr)
-    for start in range(0, total, batch_size):
+        available = len(noise_file.x_T)
+        if "num_samples" not in options.get(GIVEN, ()) and low_res is None:
+            total = available
+        if total > available:
+            raise CLIError(f"--noise holds x_T for {available} images, {total} are asked for")
+
+    def make_plan(start: int):
         count = min(batch_size, total - start)
         recipe = recipe_from(options, count, seed + start)
+        noise = None if noise_file is None else _noise_slice(noise_file, start, count, seed + start)
         batch_low = None if low_res is None else low_res[start:start + count]
         batch_labels = None if labels is None else labels[start:start + count]
-        run = plan(recipe, registry, noise=noise_file, low_res=batch_low, labels=batch_labels)
-        last = None
-        for last in run.steps():
-            bar.update(count)
-        images.append(to_uint8(last.x))
-        if run.cond.labels is not None:
-            all_labels.append(run.cond.labels.cpu().numpy())
-    bar.close()
+        return plan(recipe, registry, noise=noise, low_res=batch_low, labels=batch_labels)
+
+    run = make_plan(0)  # bad input fails here, before the progress bar appears
+    images, all_labels = [], []
+    bar = tqdm(total=len(run.grid) * total, desc=desc, unit="img-step", file=sys.stderr)
+    try:
+        for start in range(0, total, batch_size):
+            if start:
+                run = make_plan(start)
+            last = None
+            for last in run.steps():
+                bar.update(run.recipe.batch_size)
+            images.append(to_uint8(last.x))
+            if run.cond.labels is not None:
+                all_labels.append(run.cond.labels.cpu().numpy())
+    finally:
+        bar.close()
     labels_out = np.concatenate(all_labels) if all_labels else None
     return np.concatenate(images), labels_out, recipe_from(options, total, seed)
 
@@ -146,12 +232,14 @@ def plan_grid_len(recipe: Recipe):
     return space_timesteps(1000, recipe.respacing)
 
 
-def write_outputs(out_dir: Path, images: np.ndarray, labels, recipe: Recipe, class_conditional: bool) -> Path:
+def write_outputs(out_dir: Path, images: np.ndarray, labels, recipe: Recipe, class_conditional: bool,
+                  extra: dict | None = None) -> Path:
+    """samples_NxHxWx3.npz as the original scripts write it, and a PNG grid carrying the recipe."""
     n, h, w, _ = images.shape
     npz = save_samples_npz(out_dir / f"samples_{n}x{h}x{w}x3.npz", images, labels if class_conditional else None)
     scale = max(1, 128 // w)
-    save_png(image_grid(images, scale=scale), out_dir / f"samples_{n}x{h}x{w}x3.png", recipe.to_json(),
-             {"labels": [] if labels is None else labels.tolist()})
+    texts = {"labels": [] if labels is None else labels.tolist(), **(extra or {})}
+    save_png(image_grid(images, scale=scale), out_dir / f"samples_{n}x{h}x{w}x3.png", recipe.to_json(), texts)
     return npz
 
 
@@ -165,18 +253,25 @@ def cmd_sample(argv: list[str]) -> int:
         raise CLIError("--num_samples and --batch_size must be at least 1")
     images, labels, recipe = run_batches(options, registry, total, batch, "sampling")
     conditional = registry.get(recipe.model).num_labels is not None or bool(recipe.classifier)
-    path = write_outputs(Path(options["out_dir"]), images, labels, recipe, conditional)
+    extra = {"command": recipe.cli_command(options["out_dir"], model_flags)}
+    if options["noise"]:
+        extra["noise"] = options["noise"]
+    path = write_outputs(Path(options["out_dir"]), images, labels, recipe, conditional, extra)
     print(f"saved {len(images)} samples to {path}")
     return 0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
 def read_base_samples(source: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 NHWC images (and labels or None) from an .npz sample file or a folder of images."""
     path = Path(source)
     if path.is_dir():
         from PIL import Image
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise CLIError(f"--base_samples: no images in folder {source}")
+            raise CLIError(f"--base_samples: no images ({', '.join(IMAGE_SUFFIXES)}) in folder {source}")
         arrays = []
         for f in files:
             try:
@@ -184,8 +279,9 @@ def read_base_samples(source: str) -> tuple[np.ndarray, np.ndarray | None]:
                     arrays.append(np.asarray(img.convert("RGB")))
             except OSError as err:
                 raise CLIError(f"--base_samples: cannot read {f.name} ({err})") from None
-        if len({a.shape for a in arrays}) != 1:
-            raise CLIError("--base_samples: all images in the folder must have the same size")
+        sizes = sorted({a.shape[:2] for a in arrays})
+        if len(sizes) != 1:
+            raise CLIError(f"--base_samples: all images in the folder must have the same size, found {sizes}")
         return normalise_images(np.stack(arrays), source), None
     if not path.is_file():
         raise CLIError(f"--base_samples: {source} does not exist")
@@ -202,13 +298,17 @@ def cmd_super_res(argv: list[str]) -> int:
         raise CLIError(f"--model_path {options['model_path']} is a {model.kind} model, not an upsampler")
     images, labels = read_base_samples(options["base_samples"])
     low_res = from_uint8(images)
-    small = model.loaded.metadata.get("small_size") if hasattr(model.loaded, "metadata") else None
-    if small and low_res.shape[-1] != small:
-        raise CLIError(f"--base_samples are {low_res.shape[-1]} px but this upsampler expects {small} px")
-    if model.num_labels is not None and labels is None:
-        if options["class_label"] is not None:
-            labels = np.full(len(images), int(options["class_label"]))
-        elif options["classifier_path"]:
+    small = model.loaded.metadata.get("small_size")
+    if small and tuple(low_res.shape[-2:]) != (small, small):
+        raise CLIError(f"--base_samples are {low_res.shape[-1]}x{low_res.shape[-2]} px but this upsampler "
+                       f"expects {small}x{small} px")
+    class_label = _typed(options, "class_label")
+    if model.num_labels is None:
+        labels = None
+    elif class_label is not None:
+        labels = np.full(len(images), class_label)
+    elif labels is None:
+        if options["classifier_path"]:
             labels = predict_labels(registry, options["classifier_path"], low_res)
             print(f"labels from {options['classifier_path']}: {labels.tolist()}")
         else:
@@ -218,7 +318,8 @@ def cmd_super_res(argv: list[str]) -> int:
     options = dict(options, classifier_path=None, class_label=None)  # the classifier only labelled the inputs
     out, labels_out, recipe = run_batches(options, registry, len(images), _int(options, "batch_size"),
                                           "upsampling", low_res=low_res, labels=label_tensor)
-    path = write_outputs(Path(options["out_dir"]), out, labels_out, recipe, class_conditional=False)
+    path = write_outputs(Path(options["out_dir"]), out, labels_out, recipe, class_conditional=False,
+                         extra={"base_samples": options["base_samples"]})
     print(f"saved {len(out)} upsampled images to {path}")
     return 0
 
@@ -230,31 +331,60 @@ def predict_labels(registry: ModelRegistry, classifier_name: str, images: torch.
         raise CLIError(f"--classifier_path {classifier_name} is a {clf.kind}, not a classifier")
     x = images.to(registry.device)
     if x.shape[-1] != clf.image_size:
-        x = torch.nn.functional.interpolate(x, size=(clf.image_size, clf.image_size), mode="area")
+        mode = "area" if x.shape[-1] > clf.image_size else "bilinear"
+        x = torch.nn.functional.interpolate(x, size=(clf.image_size, clf.image_size), mode=mode)
     with torch.no_grad():
-        logits = clf.module(x) if clf.kind == "evaluator" else clf.module(x, torch.zeros(len(x), dtype=torch.int64,
-                                                                                            device=x.device))
+        if clf.kind == "evaluator":
+            logits = clf.module(x)
+        else:
+            logits = clf.module(x, torch.zeros(len(x), dtype=torch.int64, device=x.device))
     return logits.argmax(-1).cpu().numpy()
 
 
 COMMANDS = {"sample": cmd_sample, "super-res": cmd_super_res}
 
 
+def print_help(file=sys.stdout) -> None:
+    print(__doc__, file=file)
+    print("extras:", file=file)
+    for name, (_, default, text) in EXTRA_FLAGS.items():
+        print(f"  --{name:<18} {text} (default {default})", file=file)
+
+
+# Recipe fields as the command line spells them, for error messages.
+RECIPE_FIELD_FLAGS = {"model": "model_path", "respacing": "timestep_respacing", "classifier": "classifier_path",
+                      "uncond_model": "uncond_model_path"}
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line (multi-line explanations joined); recipe fields named by their flags."""
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip()) or type(err).__name__
+    if isinstance(err, RecipeError):
+        field, sep, rest = text.partition(": ")
+        if sep and field.isidentifier() and field not in ("low_res", "labels", "recipe"):
+            text = f"--{RECIPE_FIELD_FLAGS.get(field, field)}: {rest}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__)
-        print("extras:")
-        for name, (_, default, text) in EXTRA_FLAGS.items():
-            print(f"  --{name:<18} {text} (default {default})")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    if "-h" in argv[1:] or "--help" in argv[1:]:
-        return main(["--help"])
+    if not argv or argv[0] in ("-h", "--help") or "-h" in argv[1:] or "--help" in argv[1:]:
+        print_help()
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; use one of {', '.join(COMMANDS)} (see --help)", file=sys.stderr)
+        return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (CLIError, RecipeError, CheckpointError, SampleFileError, ValueError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, RecipeError, CheckpointError, SampleFileError, ValueError, KeyError, OSError,
+            RuntimeError) as err:
+        if os.environ.get("EXPLORE_TRACEBACK"):
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

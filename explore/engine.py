@@ -50,17 +50,30 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str) -> "Recipe":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"recipe: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe: expected a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise RecipeError(f"unknown recipe fields {unknown}")
+        if "model" not in data:
+            raise RecipeError("model: the recipe names no model")
         return cls(**data)
 
     def validate(self) -> None:
         """Check values that do not need the model; raise RecipeError naming the field."""
+        if not isinstance(self.model, str) or not self.model:
+            raise RecipeError(f"model: {self.model!r} must be a model name or a checkpoint path")
+        if self.class_label is not None and (not _is_int(self.class_label) or self.class_label < 0):
+            raise RecipeError(f"class_label: {self.class_label!r} must be a whole number >= 0 (or None)")
         if self.sampler not in SAMPLERS:
             raise RecipeError(f"sampler: {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if not isinstance(self.respacing, str):
+            raise RecipeError(f"respacing: {self.respacing!r} must be text such as '250', 'ddim25' or '10,15,20'")
         try:
             space_timesteps(1000, self.respacing)
         except RespacingError as err:
@@ -70,14 +83,22 @@ class Recipe:
             value = getattr(self, name)
             if value is None and name == "eta":
                 continue
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not low <= value <= high:
                 raise RecipeError(f"{name}: {value!r} is outside the accepted range [{low:g}, {high:g}]")
         if self.guidance_method not in ("standard", "conflict"):
             raise RecipeError(f"guidance_method: {self.guidance_method!r} is not 'standard' or 'conflict'")
-        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED - 10_000:
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED - 10_000:
             raise RecipeError(f"seed: {self.seed!r} must be a whole number in [0, {MAX_SEED - 10_000}]")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not _is_int(self.batch_size) or self.batch_size < 1:
             raise RecipeError(f"batch_size: {self.batch_size!r} must be a whole number >= 1")
+        for name in ("karras", "clip_denoised"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"{name}: {getattr(self, name)!r} must be True or False")
+        for name in ("uncond_model", "classifier"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise RecipeError(f"{name}: {value!r} must be a model name, a checkpoint path or None")
         if self.precision not in PRECISIONS:
             raise RecipeError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.karras and self.sampler in ("ddpm", "ddim"):
@@ -86,12 +107,20 @@ class Recipe:
     def sampler_options(self) -> dict:
         return {name: getattr(self, name) for name in SAMPLER_OPTIONS[self.sampler] if getattr(self, name) is not None}
 
-    def cli_command(self, out_dir: str = "samples") -> str:
-        """The equivalent `python -m explore sample` command line."""
-        args = ["python", "-m", "explore", "sample", "--model_path", self.model,
-                "--sampler", self.sampler, "--timestep_respacing", self.respacing,
-                "--seed", str(self.seed), "--batch_size", str(self.batch_size),
-                "--num_samples", str(self.batch_size), "--cfg_scale", f"{self.cfg_scale:g}"]
+    def cli_command(self, out_dir: str = "samples", model_flags: dict | str | None = None) -> str:
+        """The equivalent `python -m explore sample` command line (parse it back with explore.__main__.recipe_from_command).
+
+        `model_flags` (official architecture flags) are added for checkpoints that do not describe themselves.
+        """
+        args = ["python", "-m", "explore", "sample", "--model_path", self.model]
+        if isinstance(model_flags, str):
+            args += shlex.split(model_flags)
+        else:
+            for name, value in (model_flags or {}).items():
+                args += [f"--{name.lstrip('-')}", _flag_text(value)]
+        args += ["--sampler", self.sampler, "--timestep_respacing", self.respacing,
+                 "--seed", str(self.seed), "--batch_size", str(self.batch_size),
+                 "--num_samples", str(self.batch_size), "--cfg_scale", _flag_text(self.cfg_scale)]
         if self.class_label is not None:
             args += ["--class_label", str(self.class_label)]
         if self.karras:
@@ -99,16 +128,30 @@ class Recipe:
         if self.uncond_model:
             args += ["--uncond_model_path", self.uncond_model]
         if self.classifier:
-            args += ["--classifier_path", self.classifier, "--classifier_scale", f"{self.classifier_scale:g}",
-                     "--guidance_method", self.guidance_method]
-        for name, value in self.sampler_options().items():
-            args += [f"--{name}", f"{value:g}"]
+            args += ["--classifier_path", self.classifier, "--classifier_scale", _flag_text(self.classifier_scale)]
+        if self.guidance_method != "standard":
+            args += ["--guidance_method", self.guidance_method]
+        if self.eta is not None:
+            args += ["--eta", _flag_text(self.eta)]
+        if self.churn != 0:
+            args += ["--churn", _flag_text(self.churn)]
         if not self.clip_denoised:
             args += ["--clip_denoised", "False"]
         if self.precision != "fp32":
             args += ["--precision", self.precision]
         args += ["--out_dir", out_dir]
         return shlex.join(args)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _flag_text(value) -> str:
+    """A flag value that reads back to the same number (repr of floats is exact)."""
+    if isinstance(value, float):
+        return repr(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+    return str(value)
 
 
 @dataclass
@@ -123,15 +166,19 @@ class Plan:
     shape: tuple[int, int, int]
     class_names: list[str] | None
 
+    @torch.no_grad()  # on a generator function: grad is off only while the generator runs, not in the caller
     def steps(self, should_stop: Callable[[], bool] | None = None) -> Iterator[Step]:
+        """One Step per sampler iteration; stops early when should_stop() returns True after a step."""
         sampler = SAMPLERS[self.recipe.sampler]
         x_T = self.noise.initial()
-        with torch.no_grad():
-            for step in sampler(self.denoiser, x_T, self.grid, self.cond, self.noise,
-                                clip_denoised=self.recipe.clip_denoised, **self.recipe.sampler_options()):
-                yield step
-                if should_stop is not None and should_stop():
-                    return
+        expected = (self.recipe.batch_size, *self.shape)
+        if tuple(x_T.shape) != expected:
+            raise RecipeError(f"noise: x_T has shape {list(x_T.shape)}, this run needs {list(expected)}")
+        for step in sampler(self.denoiser, x_T, self.grid, self.cond, self.noise,
+                            clip_denoised=self.recipe.clip_denoised, **self.recipe.sampler_options()):
+            yield step
+            if should_stop is not None and should_stop():
+                return
 
 
 def labels_for(recipe: Recipe, num_classes: int) -> torch.Tensor:
@@ -144,24 +191,71 @@ def labels_for(recipe: Recipe, num_classes: int) -> torch.Tensor:
                          for i in range(recipe.batch_size)], dtype=torch.int64)
 
 
+class SeededStepNoise:
+    """Given start noise x_T; the per-step noise of image i comes from seed + i exactly as in PerImageNoise.
+
+    So a run started from a stored x_T that equals the seeded one reproduces the seeded run.
+    """
+
+    def __init__(self, x_T: torch.Tensor, seed: int, device: torch.device | str = "cpu"):
+        self.x_T, self.device = x_T, torch.device(device)
+        self._seeded = PerImageNoise.from_seed(seed, len(x_T), tuple(x_T.shape[1:]), device)
+        self._seeded.initial()  # skip each generator's own x_T draw
+
+    def initial(self) -> torch.Tensor:
+        return self.x_T.to(self.device)
+
+    def step(self, s: int) -> torch.Tensor:
+        return self._seeded.step(s)
+
+
 def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
          low_res: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> Plan:
-    """Resolve a recipe: load (cached) models, wrap guidance, build the grid and the noise."""
+    """Resolve a recipe: load (cached) models, wrap guidance, build the grid and the noise.
+
+    `labels` (int64 [batch_size]) override the recipe's class; `low_res` ([batch_size, 3, h, w] in [-1, 1])
+    conditions a super-resolution model; `noise` replaces the seeded noise (e.g. a RecordedNoise).
+    """
     recipe.validate()
     main = registry.get(recipe.model)
     if main.kind not in ("diffusion", "superres"):
         raise RecipeError(f"model: {recipe.model!r} is a {main.kind}, not a diffusion model")
+    diffusion = main.diffusion
+    if diffusion is None:
+        raise RecipeError(f"model: {recipe.model!r} does not record the diffusion process it was trained for")
+    if diffusion.predict_xstart or diffusion.rescale_timesteps:
+        raise RecipeError(f"model: {recipe.model!r} predicts x0 or rescales timesteps; only epsilon-prediction "
+                          "models with original timesteps (every guided-diffusion release) are supported")
     device = registry.device
     precision = PRECISIONS[recipe.precision]
     denoiser: Denoiser = _adm(main, precision, device)
+    size = main.image_size
+    shape = (3, size, size)
     num_classes = main.num_labels
     classifier = registry.get(recipe.classifier) if recipe.classifier else None
-    if classifier is not None and classifier.kind != "classifier":
-        raise RecipeError(f"classifier: {recipe.classifier!r} is a {classifier.kind}, not a classifier")
-    if num_classes is None and classifier is not None:
-        num_classes = classifier.num_labels
+    if classifier is not None:
+        if classifier.kind != "classifier":
+            raise RecipeError(f"classifier: {recipe.classifier!r} is a {classifier.kind}, not a noisy classifier")
+        if classifier.image_size != size:
+            raise RecipeError(f"classifier: {recipe.classifier!r} takes {classifier.image_size} px images, "
+                              f"the model makes {size} px")
+        if num_classes is None:
+            num_classes = classifier.num_labels
+    if recipe.class_label is not None and num_classes is None:
+        raise RecipeError(f"class_label: {recipe.model!r} is unconditional and no classifier is selected; "
+                          "leave class_label unset")
     if labels is None and num_classes is not None:
         labels = labels_for(recipe, num_classes)
+    elif labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or labels.shape != (recipe.batch_size,):
+            raise RecipeError(f"labels: expected {recipe.batch_size} whole numbers, got {labels.dtype} "
+                              f"shape {list(labels.shape)}")
+        labels = labels.to(torch.int64)
+        if num_classes is not None and len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+            raise RecipeError(f"labels: {labels.tolist()} are not all in [0, {num_classes - 1}]")
+        if num_classes is None:
+            labels = None  # an unconditional model without a classifier has no use for them
     if labels is not None:
         labels = labels.to(device)
 
@@ -173,6 +267,11 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
             uncond = registry.get(recipe.uncond_model)
             if uncond.num_labels is not None or uncond.kind != main.kind:
                 raise RecipeError(f"uncond_model: {recipe.uncond_model!r} must be an unconditional {main.kind} model")
+            same_process = uncond.diffusion is not None and (uncond.diffusion.steps, uncond.diffusion.noise_schedule) \
+                == (diffusion.steps, diffusion.noise_schedule)
+            if uncond.image_size != size or not same_process:
+                raise RecipeError(f"uncond_model: {recipe.uncond_model!r} must have the image size and diffusion "
+                                  f"process of {recipe.model!r}")
             denoiser = ClassifierFreeGuidance(denoiser, recipe.cfg_scale, uncond_denoiser=_adm(uncond, precision, device))
         elif main.null_class is not None:
             denoiser = ClassifierFreeGuidance(denoiser, recipe.cfg_scale, null_class=main.null_class)
@@ -185,15 +284,24 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
     elif recipe.classifier_scale != 0:
         raise RecipeError("classifier_scale: no classifier is selected, so the scale must be 0")
 
-    diffusion = main.diffusion
-    grid = Grid.make(diffusion.noise_schedule, recipe.respacing, diffusion.steps, recipe.karras)
-    cond = Cond(labels=labels, low_res=None if low_res is None else low_res.to(device))
-    if main.kind == "superres" and low_res is None:
-        raise RecipeError("low_res: a super-resolution model needs low-resolution input images")
-    size = main.image_size
-    shape = (3, size, size)
+    if main.kind == "superres":
+        if low_res is None:
+            raise RecipeError("low_res: a super-resolution model needs low-resolution input images")
+        if low_res.ndim != 4 or low_res.shape[:2] != (recipe.batch_size, 3):
+            raise RecipeError(f"low_res: expected [{recipe.batch_size}, 3, h, w] images, got {list(low_res.shape)}")
+        low_res = low_res.to(device=device, dtype=torch.float32)
+    elif low_res is not None:
+        raise RecipeError(f"low_res: {recipe.model!r} is not a super-resolution model")
+    try:
+        grid = Grid.make(diffusion.noise_schedule, recipe.respacing, diffusion.steps, recipe.karras)
+    except RespacingError as err:
+        raise RecipeError(f"respacing: {err}") from None
+    cond = Cond(labels=labels, low_res=low_res)
     if noise is None:
         noise = PerImageNoise.from_seed(recipe.seed, recipe.batch_size, shape, device)
+    x_T = getattr(noise, "x_T", None)
+    if isinstance(x_T, torch.Tensor) and tuple(x_T.shape) != (recipe.batch_size, *shape):
+        raise RecipeError(f"noise: x_T has shape {list(x_T.shape)}, this run needs {[recipe.batch_size, *shape]}")
     return Plan(recipe, denoiser, grid, cond, noise, shape, main.class_names)
 
 

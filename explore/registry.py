@@ -86,10 +86,12 @@ class ModelRegistry:
         if name in files:
             return files[name]
         path = Path(name)
-        if path.suffix in CHECKPOINT_SUFFIXES and path.is_file():
+        if path.is_file():
             return path
         known = ", ".join(files) or "none"
-        raise KeyError(f"unknown model {name!r}; available: {known}")
+        if path.suffix or len(path.parts) > 1:
+            raise KeyError(f"model file {name} does not exist (models in {self.root}/: {known})")
+        raise KeyError(f"unknown model {name!r}; available in {self.root}/: {known}")
 
     def get(self, name: str) -> Entry:
         """Load once (thread-safe); every caller shares the same read-only module."""
