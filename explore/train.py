@@ -148,7 +148,9 @@ class Trainer:
         self.spec = spec
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.data = Data(spec.data, spec.seed)
-        self.model, self.config = build(spec.kind, len(self.data.class_names))
+        with torch.random.fork_rng(devices=[]):  # initial weights are a function of the seed, like the data
+            torch.manual_seed(spec.seed)
+            self.model, self.config = build(spec.kind, len(self.data.class_names))
         self.model.to(self.device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.0)
