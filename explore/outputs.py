@@ -43,9 +43,12 @@ def save_samples_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | 
 def load_samples_npz(path: str | Path, max_bytes: int = MAX_NPZ_BYTES) -> tuple[np.ndarray, np.ndarray | None]:
     """Read a sample file: images as uint8 NHWC (NCHW and [0, 1] / [-1, 1] floats accepted), labels or None.
 
+    A plain .npy holding only images is accepted too.
     Never unpickles (allow_pickle=False); checks size, dtype and shape before use.
     """
     path = Path(path)
+    if path.suffix.lower() == ".npy":
+        return _load_npy(path, max_bytes), None
     if path.stat().st_size > max_bytes:
         raise SampleFileError(f"{path.name}: {path.stat().st_size / 2**20:.0f} MiB is larger than "
                               f"the {max_bytes / 2**20:.0f} MiB limit")
@@ -72,7 +75,23 @@ def load_samples_npz(path: str | Path, max_bytes: int = MAX_NPZ_BYTES) -> tuple[
         raise SampleFileError(f"{path.name}: cannot be read as .npz ({err})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as err:
         raise SampleFileError(f"{path.name}: corrupt or truncated ({err})") from None
-    return normalise_images(images, path.name), _check_labels(labels, len(images), path.name)
+    images = normalise_images(images, path.name)
+    return images, _check_labels(labels, len(images), path.name)
+
+
+def _load_npy(path: Path, max_bytes: int) -> np.ndarray:
+    if path.stat().st_size > max_bytes:
+        raise SampleFileError(f"{path.name}: {path.stat().st_size / 2**20:.0f} MiB is larger than "
+                              f"the {max_bytes / 2**20:.0f} MiB limit")
+    try:
+        images = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "pickle" in str(err).lower():
+            raise SampleFileError(f"{path.name}: contains pickled Python objects, which are refused") from None
+        raise SampleFileError(f"{path.name}: cannot be read as .npy ({err})") from None
+    except (OSError, EOFError) as err:
+        raise SampleFileError(f"{path.name}: corrupt or truncated ({err})") from None
+    return normalise_images(images, path.name)
 
 
 def normalise_images(images: np.ndarray, name: str = "images") -> np.ndarray:
@@ -99,7 +118,7 @@ def normalise_images(images: np.ndarray, name: str = "images") -> np.ndarray:
             images = (images + 1) * 127.5
         elif lo >= 0 and hi <= 1.0001:
             images = images * 255
-        images = np.clip(images, 0, 255)
+        images = np.clip(np.rint(images), 0, 255)  # rounded, so from_uint8's floats read back exactly
     elif images.min() < 0 or images.max() > 255:
         raise SampleFileError(f"{name}: integer images must lie in 0..255")
     return np.ascontiguousarray(images.astype(np.uint8))
