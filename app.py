@@ -1,0 +1,370 @@
+"""Guided Diffusion Explorer: `python app.py` (layout and event wiring only; handlers live in explore/ui)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import torch  # noqa: E402
+
+from explore.data.wild import WILD_PHOTO_NAMES  # noqa: E402
+from explore.samplers import SAMPLERS  # noqa: E402
+from explore.ui import plots, trajectory  # noqa: E402
+from explore.ui.compare import Comparison  # noqa: E402
+from explore.ui.context import AppContext, class_choices  # noqa: E402
+from explore.ui.gpu import gpu  # noqa: E402
+from explore.ui.sampling import Sampler, model_changed, sampler_changed, validate_respacing  # noqa: E402
+from explore.ui.session import new_session  # noqa: E402
+from explore.ui.upsample_lab import NATIVE, SUGGEST, WHOLE, Lab, lab_class_choices  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSS_PATH = os.path.join(HERE, "assets", "style.css")
+HEAVY = {"concurrency_id": "model", "concurrency_limit": 1}  # one model computation at a time (one GPU)
+LIGHT = {"concurrency_limit": 4}
+METHODS = [("standard", "standard"), ("conflict projection", "conflict")]
+
+
+def _prefer(names: list[str], wanted: str) -> str | None:
+    return wanted if wanted in names else (names[0] if names else None)
+
+
+def sampling_tab(ctx: AppContext, session: gr.State):
+    models = ctx.names("diffusion")
+    if not models:
+        gr.Markdown(ctx.missing("diffusion", "diffusion model", "scenes32_base.safetensors"))
+        return None
+    model0 = _prefer(models, "scenes32_base")
+    info0 = ctx.info(model0)
+    classifiers = [n for n in ctx.names("classifier") if ctx.info(n).image_size == info0.image_size]
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=300):
+            model = gr.Dropdown(models, value=model0, label="Model")
+            class_choice = gr.Dropdown(class_choices(info0), value=class_choices(info0)[0], label="Class")
+            with gr.Row():
+                sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", min_width=120)
+                respacing = gr.Textbox("50", label="Timestep respacing", info="'50', 'ddim25', '10,15,20'",
+                                       min_width=140)
+            respacing_msg = gr.Markdown(elem_id="respacing-msg")
+            karras = gr.Checkbox(False, label="Karras noise levels", interactive=False)
+            with gr.Row():
+                eta = gr.Slider(0, 1, 0.0, step=0.05, label="eta", visible=True, min_width=120)
+                churn = gr.Slider(0, 80, 0.0, step=1, label="churn (Heun)", visible=False, min_width=120)
+            with gr.Group():
+                classifier = gr.Dropdown(["none", *classifiers], value=classifiers[0] if classifiers else "none",
+                                         label="Guidance classifier")
+                classifier_scale = gr.Slider(0, 20, 0.0, step=0.5, label="Classifier-guidance scale")
+                cfg_scale = gr.Slider(0, 10, 1.0, step=0.25, label="CFG scale (1 = conditional model)",
+                                      interactive=info0.null_class is not None)
+                method = gr.Radio(METHODS, value="standard", label="Guidance method")
+            with gr.Row():
+                seed = gr.Number(0, precision=0, minimum=0, label="Seed", min_width=100)
+                batch = gr.Slider(1, 16, 2, step=1, label="Batch size", min_width=120)
+            preview_every = gr.Slider(1, 50, 5, step=1, label="Preview every N steps")
+            with gr.Row():
+                run = gr.Button("Run", variant="primary", elem_id="sample-run")
+                stop = gr.Button("Stop", variant="stop", elem_id="sample-stop")
+            respacing_plot = gr.Plot(label="Kept timesteps on the noise-level curve", format="png",
+                                     elem_id="respacing-plot", show_label=False)
+        with gr.Column(scale=2, min_width=320):
+            status = gr.Markdown("Press **Run** to sample.", elem_id="sample-status")
+            with gr.Row():
+                x_t = gr.Image(label="x_t", format="png", interactive=False, elem_id="preview-xt",
+                               elem_classes=["pixelated"], min_width=160)
+                x0 = gr.Image(label="predicted x0", format="png", interactive=False, elem_id="preview-x0",
+                              elem_classes=["pixelated"], min_width=160)
+            with gr.Row():
+                tele = [gr.LinePlot(None, x="step", y="value", color="series", title=title, height=170,
+                                    min_width=200, show_label=False)
+                        for title in ("noise level sqrt(1 - ᾱ)", "RMS of x_t",
+                                                                    "classifier p(class | x_t)",
+                                                                    "guidance strength")]
+            gallery = gr.Gallery(label="Samples", columns=6, fit_columns=False, elem_id="sample-gallery",
+                                 elem_classes=["pixelated"],
+                                 format="png", object_fit="contain")
+            files = gr.File(label="Downloads: PNGs with the recipe, .npz, trajectory animation and arrays",
+                            file_count="multiple", elem_id="sample-files", height=160)
+            command = gr.Code(label="Reproduce on the command line", language="shell", elem_id="reproduce",
+                              interactive=False, lines=2, max_lines=6, wrap_lines=True)
+    gr.Examples(_sampling_examples(ctx, model0, classifiers),
+                inputs=[model, class_choice, sampler, respacing, classifier, classifier_scale, cfg_scale, method],
+                label="Examples")
+
+    sampler_h = Sampler(ctx)
+    inputs = [model, class_choice, sampler, respacing, karras, classifier, classifier_scale, cfg_scale, method,
+              eta, churn, seed, batch, preview_every, session]
+    outputs = [x_t, x0, status, *tele, gallery, files, command, session]
+    event = run.click(gpu(300)(sampler_h.run), inputs, outputs, api_name="sample", show_progress="full",
+                      show_progress_on=[status], **HEAVY)
+    stop.click(sampler_h.stop, [session], None, api_name="stop_sample", queue=False)
+    check = [model, respacing, sampler, karras]
+    respacing.change(lambda *a: validate_respacing(ctx, *a), check, [respacing_msg, respacing_plot],
+                     api_name="validate_respacing", show_progress="hidden", trigger_mode="always_last", **LIGHT)
+    sampler.change(sampler_changed, [sampler], [eta, churn, karras], api_name="sampler_options",
+                   show_progress="hidden", **LIGHT) \
+        .then(lambda *a: validate_respacing(ctx, *a), check, [respacing_msg, respacing_plot],
+              api_name="validate_respacing_sampler", show_progress="hidden", **LIGHT)
+    karras.input(lambda *a: validate_respacing(ctx, *a), check, [respacing_msg, respacing_plot],
+                 api_name="validate_respacing_karras", show_progress="hidden", **LIGHT)
+    model.change(lambda m: model_changed(ctx, m), [model], [class_choice, cfg_scale, classifier],
+                 api_name="model_options", show_progress="hidden", **LIGHT) \
+        .then(lambda *a: validate_respacing(ctx, *a), check, [respacing_msg, respacing_plot],
+              api_name="validate_respacing_model", show_progress="hidden", **LIGHT)
+    return event, check, (respacing_msg, respacing_plot)
+
+
+def _sampling_examples(ctx: AppContext, model: str, classifiers: list[str]) -> list[list]:
+    info = ctx.info(model)
+    names = class_choices(info)
+    pick = (lambda i: names[min(i, len(names) - 1)])
+    clf = classifiers[0] if classifiers else "none"
+    return [
+        [model, pick(3), "ddim", "50", "none", 0.0, 1.0, "standard"],
+        [model, pick(4), "ddim", "ddim25", "none", 0.0, 3.0, "standard"],
+        [model, pick(7), "euler_a", "30", clf, 2.0 if classifiers else 0.0, 1.0, "conflict"],
+        [model, pick(1), "dpmpp_2m", "20", clf, 0.0, 2.0, "standard"],
+    ]
+
+
+def compare_tab(ctx: AppContext, session: gr.State):
+    models = [n for n in ctx.names("diffusion") if ctx.info(n).num_labels is not None]
+    if not models:
+        gr.Markdown(ctx.missing("diffusion", "class-conditional diffusion model", "scenes32_base.safetensors"))
+        return
+    model0 = _prefer(models, "scenes32_base")
+    info0 = ctx.info(model0)
+    classifiers = [n for n in ctx.names("classifier") if ctx.info(n).image_size == info0.image_size]
+    evaluators = ctx.names("evaluator")
+    if not evaluators:
+        gr.Markdown(ctx.missing("evaluator", "evaluation classifier", "scenes32_evaluator.safetensors")
+                    + " The grid still fills, without per-cell numbers.")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=300):
+            model = gr.Dropdown(models, value=model0, label="Model")
+            names = class_choices(info0)[1:]
+            class_choice = gr.Dropdown(names, value=names[0], label="Requested class")
+            with gr.Row():
+                sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", min_width=120)
+                respacing = gr.Textbox("25", label="Timestep respacing", min_width=120)
+            classifier = gr.Dropdown(["none", *classifiers], value=classifiers[0] if classifiers else "none",
+                                     label="Guidance classifier")
+            classifier_scales = gr.Textbox("0, 2, 6", label="Classifier scales (rows)")
+            cfg_scales = gr.Textbox("1, 2, 4", label="CFG scales (columns)")
+            method = gr.Radio(METHODS, value="standard", label="Guidance method")
+            with gr.Row():
+                seed = gr.Number(0, precision=0, minimum=0, label="Seed", min_width=100)
+                per_cell = gr.Slider(1, 8, 4, step=1, label="Images per cell", min_width=120)
+            evaluator = gr.Dropdown(["none", *evaluators], value=evaluators[0] if evaluators else "none",
+                                    label="Evaluation classifier (never used for guidance)")
+            with gr.Row():
+                run = gr.Button("Run sweep", variant="primary", elem_id="compare-run")
+                stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
+        with gr.Column(scale=2, min_width=320):
+            status = gr.Markdown("Same seed, same noise, one cell per pair of scales.", elem_id="compare-status")
+            grid = gr.Image(label="Sweep", format="png", interactive=False, elem_id="compare-grid",
+                            elem_classes=["pixelated"])
+            table = gr.Dataframe(label="Per-cell numbers (evaluation classifier)", elem_id="compare-table",
+                                 interactive=False)
+            tradeoff = gr.Plot(label="Trade-off", format="png", elem_id="compare-tradeoff", show_label=False)
+            files = gr.File(label="Downloads", file_count="multiple")
+    handler = Comparison(ctx)
+    run.click(gpu(600)(handler.run), [model, class_choice, sampler, respacing, classifier, classifier_scales,
+                                      cfg_scales, method, seed, per_cell, evaluator, session],
+              [grid, table, tradeoff, status, files, session], api_name="compare", show_progress="full",
+              show_progress_on=[status], **HEAVY)
+    stop.click(handler.stop, [session], None, api_name="stop_compare", queue=False)
+
+    def classes_for(m):
+        names = class_choices(ctx.info(m))[1:]
+        return gr.update(choices=names, value=names[0])
+    model.change(classes_for, [model], [class_choice], api_name="compare_model_options", show_progress="hidden",
+                 **LIGHT)
+
+
+def trajectory_tab(session: gr.State):
+    info = gr.Markdown("No run yet: sample one on the **Live sampling** tab (or load a trajectory file).",
+                       elem_id="trajectory-info")
+    with gr.Row():
+        load = gr.Button("Show the latest run", elem_id="trajectory-load", scale=1)
+        upload = gr.File(label="…or load a trajectory .npz", file_types=[".npz"], scale=2, height=90)
+    with gr.Row():
+        step = gr.Slider(0, 1, 0, step=1, label="Recorded step", elem_id="trajectory-step", scale=3)
+        image_choice = gr.Dropdown([], label="Image", scale=1, min_width=140)
+    with gr.Row():
+        views = [gr.Image(label=label, format="png", interactive=False, elem_classes=["pixelated"], min_width=140)
+                 for label in ("x_t (after this step)", "predicted x0", "predicted noise", "guidance term")]
+    caption = gr.Markdown()
+    spectrum = gr.Plot(label="Power spectrum of predicted x0", format="png", elem_id="trajectory-spectrum", show_label=False)
+    with gr.Row():
+        tol = gr.Slider(0.02, 0.5, 0.1, step=0.02, label="Settled when |x0 - final| stays below", scale=1)
+        settle = gr.Plot(label="When each region settled", format="png", scale=2, elem_id="trajectory-settle", show_label=False)
+
+    loaded = [step, image_choice, info, settle]
+    shown = [*views, caption, spectrum]
+    show = dict(fn=trajectory.show_step, inputs=[session, step, image_choice], outputs=shown,
+                show_progress="hidden", **LIGHT)
+    load.click(trajectory.load_latest, [session, tol], loaded, api_name="trajectory_load", **LIGHT) \
+        .success(**show, api_name="trajectory_show_loaded")
+    upload.upload(trajectory.load_file, [session, upload, tol], [*loaded, session], api_name="trajectory_upload",
+                  **LIGHT).success(**show, api_name="trajectory_show_uploaded")
+    step.input(**show, api_name="trajectory_step", trigger_mode="always_last")
+    image_choice.input(**show, api_name="trajectory_image") \
+        .then(trajectory.settle_for, [session, image_choice, tol], [settle], api_name="trajectory_settle_image",
+              **LIGHT)
+    tol.release(trajectory.settle_for, [session, image_choice, tol], [settle], api_name="trajectory_settle",
+                **LIGHT)
+    return loaded, show, tol
+
+
+def upsample_tab(ctx: AppContext, session: gr.State):
+    upsamplers = ctx.names("superres")
+    if not upsamplers:
+        gr.Markdown(ctx.missing("superres", "upsampler", "scenes128_upsampler.safetensors"))
+        return
+    up0 = _prefer(upsamplers, "scenes128_upsampler")
+    lab = Lab(ctx)
+    small0 = ctx.registry.get(up0).loaded.metadata.get("small_size") or ctx.info(up0).image_size // 4
+    bases = [n for n in ctx.names("diffusion") if ctx.info(n).image_size == small0]
+    choices = lab_class_choices(ctx, up0)
+    with gr.Row():
+        upsampler = gr.Dropdown(upsamplers, value=up0, label="Upsampler", scale=2)
+        up_respacing = gr.Textbox("20", label="Upsampler respacing (DDIM)", scale=1)
+        seed = gr.Number(0, precision=0, minimum=0, label="Seed", scale=1)
+        stop = gr.Button("Stop", variant="stop", elem_id="upsample-stop", scale=1)
+    with gr.Row(equal_height=False):
+        with gr.Column(min_width=320):
+            gr.Markdown("### Generated\nLow-res samples from the base model (or your `.npz`) → upsampled.")
+            if not bases:
+                gr.Markdown(f"No base model makes {small0} px images; upload an `.npz` of low-res samples.")
+            with gr.Row():
+                base = gr.Dropdown(["none", *bases], value=bases[0] if bases else "none", label="Base model")
+                gen_class = gr.Dropdown(choices, value=choices[1] if len(choices) > 1 else choices[0],
+                                        label="Class")
+            with gr.Row():
+                count = gr.Slider(1, 8, 2, step=1, label="Images")
+                base_respacing = gr.Textbox("25", label="Base respacing (DDIM)")
+            npz = gr.File(label="…or upload low-res samples (.npz)", file_types=[".npz"], height=90)
+            preview_every = gr.Slider(1, 50, 5, step=1, label="Preview every N steps")
+            gen_run = gr.Button("Generate and upsample", variant="primary", elem_id="gen-run")
+            gen_status = gr.Markdown(elem_id="gen-status")
+            with gr.Row():
+                gen_low = gr.Image(label="low-res (nearest, enlarged)", format="png", interactive=False,
+                                   elem_classes=["pixelated"], elem_id="gen-low")
+                gen_high = gr.Image(label="upsampled", format="png", interactive=False,
+                                    elem_classes=["pixelated"], elem_id="gen-high")
+            gen_files = gr.File(label="Downloads", file_count="multiple")
+        with gr.Column(min_width=320):
+            gr.Markdown("### In the wild\nReal photo → centre crop → downscaled → upsampled, "
+                        "beside the original and bicubic.")
+            with gr.Row():
+                photo = gr.Dropdown(list(WILD_PHOTO_NAMES), value="astronaut", label="Bundled photo")
+                mode = gr.Radio([WHOLE, NATIVE], value=WHOLE, label="Crop")
+            upload = gr.Image(label="…or upload a photo", type="numpy", sources=["upload"], height=160)
+            with gr.Row():
+                suggest = gr.Button("Suggest classes", elem_id="wild-suggest")
+                wild_class = gr.Dropdown(choices, value=choices[0], label="Class for the upsampler")
+            top = gr.Label(label="Classifier's top classes", num_top_classes=3, elem_id="wild-top")
+            suggest_msg = gr.Markdown()
+            wild_run = gr.Button("Upsample photo", variant="primary", elem_id="wild-run")
+            wild_status = gr.Markdown(elem_id="wild-status")
+            with gr.Row():
+                original = gr.Image(label="original crop", format="png", interactive=False, elem_id="wild-original",
+                                    elem_classes=["pixelated"], min_width=120)
+                low = gr.Image(label="model input (enlarged)", format="png", interactive=False,
+                               elem_classes=["pixelated"], elem_id="wild-low", min_width=120)
+            with gr.Row():
+                cubic = gr.Image(label="bicubic", format="png", interactive=False, elem_classes=["pixelated"],
+                                 elem_id="wild-bicubic", min_width=120)
+                high = gr.Image(label="upsampled", format="png", interactive=False, elem_classes=["pixelated"],
+                                elem_id="wild-high", min_width=120)
+            numbers = gr.Dataframe(label="Against the original", interactive=False, elem_id="wild-metrics")
+            with gr.Row():
+                n_classes = gr.Slider(2, 8, 4, step=1, label="Classes")
+                classes_run = gr.Button("Upsample under several classes", elem_id="wild-classes-run")
+            classes_status = gr.Markdown()
+            classes_gallery = gr.Gallery(label="One photo, one noise, several classes", columns=4, format="png",
+                                         elem_id="wild-classes", elem_classes=["pixelated"])
+    sharp = gr.Plot(plots.sharpness_figure({}), label="Sharpness: generated vs wild", format="png",
+                    elem_id="lab-sharpness", show_label=False)
+
+    gen_run.click(gpu(300)(lab.generated), [base, gen_class, seed, count, base_respacing, upsampler, up_respacing,
+                                            npz, preview_every, session],
+                  [gen_low, gen_high, gen_status, sharp, gen_files, session], api_name="upsample_generated",
+                  show_progress="full", show_progress_on=[gen_status], **HEAVY)
+    suggest.click(gpu(60)(lab.suggest), [photo, upload, upsampler, mode], [top, wild_class, low, suggest_msg],
+                  api_name="suggest_classes", show_progress="minimal", **HEAVY)
+    wild_run.click(gpu(300)(lab.wild), [photo, upload, upsampler, mode, wild_class, up_respacing, seed, session],
+                   [original, low, cubic, high, numbers, wild_status, sharp, session], api_name="upsample_wild",
+                   show_progress="full", show_progress_on=[wild_status], **HEAVY)
+    classes_run.click(gpu(600)(lab.wild_classes), [photo, upload, upsampler, mode, up_respacing, seed, n_classes,
+                                                   session],
+                      [classes_gallery, classes_status, session], api_name="upsample_wild_classes",
+                      show_progress="full", show_progress_on=[classes_status], **HEAVY)
+    stop.click(lab.stop, [session], None, api_name="stop_upsample", queue=False)
+
+    def classes_for(u):
+        names = lab_class_choices(ctx, u)
+        return gr.update(choices=names, value=names[0]), gr.update(choices=names, value=names[-1])
+    upsampler.change(classes_for, [upsampler], [wild_class, gen_class], api_name="upsampler_options",
+                     show_progress="hidden", **LIGHT)
+
+
+def models_tab(ctx: AppContext):
+    rows = []
+    for info in ctx.registry.infos():
+        entry = ctx.registry.get(info.name)
+        training = entry.loaded.metadata.get("training", {})
+        rows.append([info.name, info.kind, info.image_size, info.num_labels or "", entry.loaded.preset or "",
+                     training.get("steps", "")])
+    gr.Markdown(f"Models found in `{ctx.registry.root}` (file stems; official ADM checkpoints appear here "
+                "when their files are present).")
+    gr.Dataframe(rows, headers=["name", "kind", "size", "classes", "preset", "training steps"], interactive=False)
+
+
+def build(ctx: AppContext) -> gr.Blocks:
+    with gr.Blocks(title="Guided Diffusion Explorer") as demo:
+        gr.Markdown("# Guided Diffusion Explorer\nWatch guided diffusion models sample, compare guidance on one "
+                    "seed, scrub through a trajectory, and see an upsampler on generated images and real photos.")
+        session = gr.State(new_session)
+        with gr.Tabs():
+            with gr.Tab("Live sampling", id="sample"):
+                wired = sampling_tab(ctx, session)
+            with gr.Tab("Guidance comparison", id="compare"):
+                compare_tab(ctx, session)
+            with gr.Tab("Trajectory explorer", id="trajectory"):
+                loaded, show, tol = trajectory_tab(session)
+            with gr.Tab("Upsampling lab", id="upsample"):
+                upsample_tab(ctx, session)
+            with gr.Tab("Models", id="models"):
+                models_tab(ctx)
+        if wired is not None:
+            event, check, respacing_outputs = wired
+            event.success(trajectory.load_latest, [session, tol], loaded, api_name="trajectory_after_run", **LIGHT) \
+                .success(**show, api_name="trajectory_show_after_run")
+            demo.load(lambda *a: validate_respacing(ctx, *a), check, list(respacing_outputs),
+                      api_name="validate_respacing_on_load", show_progress="hidden")
+    return demo
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoints", help="model folder (default $EXPLORE_CHECKPOINTS or ./checkpoints)")
+    parser.add_argument("--outputs", help="where runs are written (default $EXPLORE_OUTPUTS or a temp folder)")
+    parser.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    parser.add_argument("--host", default=None, help="server name (default $GRADIO_SERVER_NAME or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default $GRADIO_SERVER_PORT or 7860)")
+    args = parser.parse_args(argv)
+    if os.environ.get("EXPLORE_THREADS"):
+        torch.set_num_threads(int(os.environ["EXPLORE_THREADS"]))
+    ctx = AppContext.create(args.checkpoints, args.outputs, args.device)
+    demo = build(ctx)
+    with open(CSS_PATH) as f:
+        css = f.read()
+    demo.queue(max_size=32, default_concurrency_limit=1).launch(
+        server_name=args.host, server_port=args.port, css=css, theme=gr.themes.Soft(),
+        footer_links=["api", "gradio"], allowed_paths=[str(ctx.out_root)], show_error=True)
+
+
+if __name__ == "__main__":
+    main()

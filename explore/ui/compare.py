@@ -1,0 +1,166 @@
+"""Guidance comparison: one seed, one recorded noise, an X/Y sweep of CFG and classifier scales."""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import replace
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+import torch
+
+from explore.engine import Recipe, RecipeError, plan
+from explore.noise import PerImageNoise, Recorder
+from explore.outputs import save_png, save_samples_npz, to_uint8
+from explore.ui import images, plots
+from explore.ui.context import AppContext, class_index, optional
+from explore.ui.sampling import check_compatible
+from explore.ui.session import Session, ensure
+
+MAX_VALUES = 6  # per axis
+MAX_PER_CELL = 16
+COLUMNS = ["classifier scale", "CFG scale", "confidence", "accuracy", "diversity", "seconds"]
+
+
+def parse_scales(text: str, name: str, low: float, high: float) -> list[float]:
+    """'0, 1.5, 3' -> [0.0, 1.5, 3.0]; a gr.Error names the field otherwise."""
+    parts = [p for p in re.split(r"[,\s;]+", str(text or "").strip()) if p]
+    if not parts:
+        raise gr.Error(f"{name}: give at least one value, e.g. '1, 2, 4'")
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            raise gr.Error(f"{name}: {part!r} is not a number") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise gr.Error(f"{name}: {part} is outside [{low:g}, {high:g}]")
+        values.append(value)
+    if len(values) > MAX_VALUES:
+        raise gr.Error(f"{name}: at most {MAX_VALUES} values (got {len(values)})")
+    return list(dict.fromkeys(values))
+
+
+def evaluate(ctx: AppContext, evaluator: str | None, x: torch.Tensor, label: int) -> dict:
+    """Evaluation-classifier numbers for one cell: confidence in the requested class, accuracy, diversity."""
+    if evaluator is None:
+        return {"confidence": None, "accuracy": None, "diversity": None}
+    module = ctx.registry.get(evaluator).module
+    with torch.no_grad():
+        features = module.features(x)
+        probs = torch.softmax(module.head(features).float(), -1) if hasattr(module, "head") else \
+            torch.softmax(module(x).float(), -1)
+    confidence = float(probs[:, label].mean())
+    accuracy = float((probs.argmax(-1) == label).float().mean())
+    diversity = float(torch.pdist(features.float()).mean()) if len(x) > 1 else None
+    return {"confidence": confidence, "accuracy": accuracy, "diversity": diversity}
+
+
+class Comparison:
+    """The Guidance comparison tab: cells filled one by one, stoppable within a step."""
+
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
+
+    def stop(self, session: Session) -> None:
+        ensure(session).request_stop("compare")
+
+    def run(self, model, class_choice, sampler, respacing, classifier, classifier_scales, cfg_scales,
+            guidance_method, seed, per_cell, evaluator, session: Session, progress=gr.Progress()):
+        """Sweep classifier scales (rows) x CFG scales (columns) on the same seed and noise."""
+        session = ensure(session)
+        if not model:
+            raise gr.Error("Choose a model.")
+        info = self.ctx.info(model)
+        if info.num_labels is None:
+            raise gr.Error(f"{model} is unconditional; the comparison needs a class-conditional model.")
+        label = class_index(info, class_choice, allow_random=False)
+        classifier, evaluator = optional(classifier), optional(evaluator)
+        check_compatible(self.ctx, model, classifier)
+        if evaluator is not None and self.ctx.info(evaluator).kind != "evaluator":
+            raise gr.Error(f"{evaluator} is not an evaluation classifier.")
+        rows = parse_scales(classifier_scales, "classifier scales", 0.0, 1000.0) if classifier else [0.0]
+        cols = parse_scales(cfg_scales, "CFG scales", 0.0, 100.0) if info.null_class is not None else [1.0]
+        per_cell = int(per_cell)
+        if not 1 <= per_cell <= MAX_PER_CELL:
+            raise gr.Error(f"images per cell must be 1..{MAX_PER_CELL}")
+        base = Recipe(model=model, class_label=label, sampler=sampler, respacing=str(respacing).strip(),
+                      classifier=classifier, guidance_method=guidance_method or "standard", seed=int(seed),
+                      batch_size=per_cell)
+        try:
+            base.validate()
+        except RecipeError as err:
+            raise gr.Error(str(err)) from None
+
+        session.start("compare")
+        noise = Recorder(PerImageNoise.from_seed(base.seed, per_cell, (3, info.image_size, info.image_size),
+                                                 self.ctx.registry.device))
+        cells, notes, table, points, samples = {}, {}, [], [], {}
+        row_names = [f"classifier {r:g}" for r in rows]
+        col_names = [f"CFG {c:g}" for c in cols]
+        cell_size = None
+        total_cells = len(rows) * len(cols)
+        note = "" if evaluator else " (no evaluator: numbers unavailable)"
+        yield self._view(cells, notes, row_names, col_names, (96, 96), table, points,
+                         f"Computing {total_cells} cells{note}…", session)
+        done = 0
+        for i, cls_scale in enumerate(rows):
+            for j, cfg in enumerate(cols):
+                recipe = replace(base, classifier_scale=cls_scale if classifier else 0.0, cfg_scale=cfg)
+                try:
+                    run = plan(recipe, self.ctx.registry, noise=noise if done == 0 else replay)
+                except RecipeError as err:
+                    raise gr.Error(str(err)) from None
+                started, last = time.perf_counter(), None
+                for last in run.steps(should_stop=session.should_stop("compare")):
+                    progress((done * len(run.grid) + last.index + 1, total_cells * len(run.grid)),
+                             desc=f"cell {done + 1}/{total_cells}")
+                if session.stop["compare"] or last is None:
+                    yield self._view(cells, notes, row_names, col_names, cell_size or (96, 96), table, points,
+                                     f"Stopped after {done} of {total_cells} cells.", session)
+                    return
+                if done == 0:
+                    replay = noise.replay()
+                seconds = time.perf_counter() - started
+                x = last.x.clamp(-1, 1)
+                samples[(i, j)] = to_uint8(x)
+                numbers = evaluate(self.ctx, evaluator, x, label)
+                tiled = images.tile(samples[(i, j)], columns=min(per_cell, 4), pad=1)
+                scale = max(1, min(128 // tiled.shape[0], 384 // tiled.shape[1]))
+                cells[(i, j)] = images.enlarge(tiled, tiled.shape[1] * scale)
+                cell_size = cells[(i, j)].shape[:2]
+                if numbers["confidence"] is not None:
+                    notes[(i, j)] = f"p={numbers['confidence']:.2f} acc={numbers['accuracy']:.2f}"
+                table.append([cls_scale, cfg, numbers["confidence"], numbers["accuracy"], numbers["diversity"],
+                              round(seconds, 2)])
+                points.append({**numbers, "name": f"clf {cls_scale:g} / cfg {cfg:g}",
+                               "strength": cfg + cls_scale})
+                done += 1
+                yield self._view(cells, notes, row_names, col_names, cell_size, table, points,
+                                 f"Cell {done}/{total_cells} done (classifier {cls_scale:g}, CFG {cfg:g}, "
+                                 f"{seconds:.1f} s){note}.", session)
+        files = self._write(base, rows, cols, samples, label, cells, notes, row_names, col_names, cell_size, table)
+        yield self._view(cells, notes, row_names, col_names, cell_size, table, points,
+                         f"Finished {total_cells} cells, same seed {base.seed} and the same noise in each{note}.",
+                         session, files)
+
+    def _view(self, cells, notes, rows, cols, cell_size, table, points, status, session, files=None):
+        grid = images.labelled_grid(cells, rows, cols, notes, cell_size, "rows: classifier scale", "columns: CFG scale")
+        frame = pd.DataFrame(table, columns=COLUMNS)
+        return grid, frame, plots.tradeoff_figure(points), status, gr.update() if files is None else files, session
+
+    def _write(self, base, rows, cols, samples, label, cells, notes, row_names, col_names, cell_size, table):
+        out = self.ctx.new_run_dir("compare")
+        grid = images.labelled_grid(cells, row_names, col_names, notes, cell_size, "rows: classifier scale",
+                                    "columns: CFG scale")
+        sweep = {"classifier_scales": rows, "cfg_scales": cols, "cells": "row-major, classifier scale x CFG scale"}
+        from PIL import Image
+        png = save_png(Image.fromarray(grid), out / "comparison.png", base.to_json(), {"sweep": sweep})
+        stacked = np.concatenate([samples[(i, j)] for i in range(len(rows)) for j in range(len(cols))])
+        npz = save_samples_npz(out / f"comparison_{len(stacked)}x{stacked.shape[1]}x{stacked.shape[2]}x3.npz",
+                               stacked, np.full(len(stacked), label))
+        csv = out / "comparison.csv"
+        pd.DataFrame(table, columns=COLUMNS).to_csv(csv, index=False)
+        return [str(png), str(npz), str(csv)]

@@ -1,0 +1,247 @@
+"""Live sampling: a recipe from the form, previews streamed while the one step iterator runs, results."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from explore.engine import Recipe, RecipeError, plan
+from explore.outputs import image_grid, save_png, save_samples_npz, to_uint8
+from explore.samplers import SAMPLER_OPTIONS, SAMPLERS, Grid, Step
+from explore.schedules import RespacingError
+from explore.ui import images, plots
+from explore.ui.context import AppContext, class_choices, class_index, optional
+from explore.ui.session import Session, ensure
+from explore.ui.trajectory import TrajectoryRecorder
+
+MAX_BATCH = 64
+MAX_ANIMATION_FRAMES = 60
+KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m")
+TELEMETRY = ("noise", "rms", "p_class", "guidance")
+
+
+def check_compatible(ctx: AppContext, model: str, classifier: str | None) -> None:
+    """A guidance classifier must see the model's image size and share its classes."""
+    if classifier is None:
+        return
+    m, c = ctx.info(model), ctx.info(classifier)
+    if c.kind != "classifier":
+        raise gr.Error(f"{classifier} is a {c.kind} model, not a noisy classifier for guidance.")
+    if c.image_size != m.image_size or (m.num_labels is not None and c.num_labels != m.num_labels):
+        raise gr.Error(f"{classifier} ({c.image_size} px, {c.num_labels} classes) does not fit {model} "
+                       f"({m.image_size} px, {m.num_labels} classes).")
+
+
+def make_recipe(ctx: AppContext, model: str, class_choice, sampler: str, respacing: str, karras: bool,
+                classifier, classifier_scale, cfg_scale, guidance_method: str, eta, churn, seed,
+                batch_size) -> Recipe:
+    """Form values -> a validated Recipe; every problem becomes a gr.Error naming the field."""
+    if not model:
+        raise gr.Error("Choose a model.")
+    info = ctx.info(model)
+    classifier = optional(classifier)
+    check_compatible(ctx, model, classifier)
+    batch = int(batch_size)
+    if not 1 <= batch <= MAX_BATCH:
+        raise gr.Error(f"batch size must be 1..{MAX_BATCH}")
+    options = SAMPLER_OPTIONS.get(sampler, ())
+    recipe = Recipe(
+        model=model, class_label=class_index(info, class_choice), sampler=sampler, respacing=str(respacing).strip(),
+        karras=bool(karras) and sampler in KARRAS_SAMPLERS,
+        cfg_scale=float(cfg_scale) if info.null_class is not None else 1.0,
+        classifier=classifier, classifier_scale=float(classifier_scale) if classifier else 0.0,
+        guidance_method=guidance_method or "standard",
+        eta=float(eta) if "eta" in options and eta is not None else None,
+        churn=float(churn) if "churn" in options and churn is not None else 0.0,
+        seed=int(seed), batch_size=batch)
+    try:
+        recipe.validate()
+    except RecipeError as err:
+        raise gr.Error(str(err)) from None
+    return recipe
+
+
+# --- small events -------------------------------------------------------------------------------
+
+def validate_respacing(ctx: AppContext, model: str, respacing: str, sampler: str, karras: bool):
+    """Check the respacing text as it is typed; plot the kept timesteps on the model's noise curve."""
+    if not model:
+        return "Choose a model first.", plots.message_figure("No model.")
+    diffusion = ctx.registry.get(model).diffusion
+    use_karras = bool(karras) and sampler in KARRAS_SAMPLERS
+    try:
+        grid = Grid.make(diffusion.noise_schedule, str(respacing).strip(), diffusion.steps, use_karras)
+    except RespacingError as err:
+        return f"**Not valid:** {err}", gr.update()
+    kind = "Karras noise levels" if use_karras else "timesteps"
+    message = f"Valid: {len(grid)} steps ({kind}; {diffusion.noise_schedule} schedule of {diffusion.steps})"
+    return message, plots.respacing_figure(grid, f"{len(grid)} of {diffusion.steps} steps kept")
+
+
+def sampler_changed(sampler: str):
+    """Show eta for DDIM / Euler ancestral (with the sampler's default), churn for Heun, Karras where it applies."""
+    options = SAMPLER_OPTIONS.get(sampler, ())
+    eta_default = 1.0 if sampler == "euler_a" else 0.0
+    return (gr.update(visible="eta" in options, value=eta_default),
+            gr.update(visible="churn" in options),
+            gr.update(interactive=sampler in KARRAS_SAMPLERS, value=False if sampler not in KARRAS_SAMPLERS else None))
+
+
+def model_changed(ctx: AppContext, model: str):
+    """Class choices, whether CFG applies, and the guidance classifiers that fit the model."""
+    if not model:
+        return gr.update(), gr.update(), gr.update()
+    info = ctx.info(model)
+    choices = class_choices(info)
+    fitting = [name for name in ctx.names("classifier")
+               if ctx.info(name).image_size == info.image_size and ctx.info(name).num_labels == info.num_labels]
+    cfg_ok = info.null_class is not None
+    return (gr.update(choices=choices, value=choices[0]),
+            gr.update(interactive=True) if cfg_ok else gr.update(interactive=False, value=1.0),
+            gr.update(choices=["none", *fitting], value=fitting[0] if fitting else "none"))
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+class Telemetry:
+    """Per-step numbers kept as plain floats (cheap in the loop); tables built only for previews."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+        self.rows: dict[str, list[tuple[int, float, str]]] = {name: [] for name in TELEMETRY}
+
+    def add(self, step: Step) -> None:
+        s = step.index + 1
+        noise = step.sigma / (1.0 + step.sigma ** 2) ** 0.5
+        self.rows["noise"].append((s, noise, "sqrt(1 - ᾱ)"))
+        rms = step.x.detach().flatten(1).float().pow(2).mean(1).sqrt().tolist()
+        self.rows["rms"].extend((s, v, f"image {i}") for i, v in enumerate(rms))
+        if "log_prob" in step.stats:
+            prob = step.stats["log_prob"].exp().tolist()
+            self.rows["p_class"].extend((s, v, f"image {i}") for i, v in enumerate(prob))
+        for key, name in (("guidance_grad_norm", "classifier"), ("cfg_delta_norm", "CFG |Δε|")):
+            if key in step.stats:
+                values = step.stats[key].tolist()
+                self.rows["guidance"].extend((s, v, f"{name} {i}") for i, v in enumerate(values))
+
+    def frames(self) -> list[pd.DataFrame]:
+        return [pd.DataFrame(self.rows[name], columns=["step", "value", "series"]) for name in TELEMETRY]
+
+
+def empty_telemetry() -> list[pd.DataFrame]:
+    return [pd.DataFrame({"step": [], "value": [], "series": []}) for _ in TELEMETRY]
+
+
+class Sampler:
+    """The Live sampling tab's run: one generator handler per request, stoppable within a step."""
+
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
+
+    def stop(self, session: Session) -> None:
+        """Ask the running sampler loop of this session to end after its current step."""
+        ensure(session).request_stop("sample")
+
+    def run(self, model, class_choice, sampler, respacing, karras, classifier, classifier_scale, cfg_scale,
+            guidance_method, eta, churn, seed, batch_size, preview_every, session: Session,
+            progress=gr.Progress()):
+        """Sample, streaming x_t | predicted x0 previews and telemetry every N steps; then the results."""
+        session = ensure(session)
+        recipe = make_recipe(self.ctx, model, class_choice, sampler, respacing, karras, classifier,
+                             classifier_scale, cfg_scale, guidance_method, eta, churn, seed, batch_size)
+        every = max(1, int(preview_every or 1))
+        session.start("sample")
+        try:
+            run = plan(recipe, self.ctx.registry)
+        except RecipeError as err:
+            raise gr.Error(str(err)) from None
+        total = len(run.grid)
+        recorder = TrajectoryRecorder(total, recipe.batch_size, run.shape)
+        telemetry = Telemetry(recipe.batch_size)
+        started = time.perf_counter()
+        last: Step | None = None
+        previews = 0
+        yield self._outputs(status=f"Sampling {total} steps…", session=session)
+        for step in run.steps(should_stop=session.should_stop("sample")):
+            last = step
+            recorder.add(step)
+            telemetry.add(step)
+            progress((step.index + 1, total), desc="sampling", unit="steps")
+            if (step.index + 1) % every == 0 or step.index + 1 == total:
+                previews += 1
+                elapsed = time.perf_counter() - started
+                status = (f"Step {step.index + 1}/{total} · t = {step.timestep:.0f} · {elapsed:.1f} s · "
+                          f"{(step.index + 1) / max(elapsed, 1e-9):.1f} steps/s")
+                yield self._outputs(images.batch_view(step.x), images.batch_view(step.pred_x0), status,
+                                    telemetry.frames(), session=session)
+        elapsed = time.perf_counter() - started
+        if last is None:
+            yield self._outputs(status="Stopped before the first step.", session=session)
+            return
+        stopped = last.index + 1 < total
+        labels = None if run.cond.labels is None else run.cond.labels.cpu().numpy()
+        session.trajectory = recorder.finish(recipe.to_json(), labels, run.class_names, stopped)
+        gallery, files, command = self.write_results(recipe, last, labels, run.class_names, session.trajectory,
+                                                     stopped)
+        status = (f"{'Stopped at' if stopped else 'Finished'} step {last.index + 1}/{total} in {elapsed:.1f} s "
+                  f"({(last.index + 1) / max(elapsed, 1e-9):.1f} steps/s, {previews} previews).")
+        if stopped:
+            status += " The results below are the partly denoised samples at that step."
+        yield self._outputs(images.batch_view(last.x), images.batch_view(last.pred_x0), status,
+                            telemetry.frames(), gallery, files, command, session)
+
+    @staticmethod
+    def _outputs(x_t=None, x0=None, status="", telemetry=None, gallery=None, files=None, command=None,
+                 session=None):
+        keep = gr.update()
+        return (keep if x_t is None else x_t, keep if x0 is None else x0, status,
+                *(telemetry if telemetry is not None else [keep] * len(TELEMETRY)),
+                keep if gallery is None else gallery, keep if files is None else files,
+                keep if command is None else command, session)
+
+    def write_results(self, recipe: Recipe, last: Step, labels, class_names, trajectory, stopped: bool):
+        """PNGs with the recipe, the .npz in the original format, the animation, the trajectory file."""
+        out = self.ctx.new_run_dir("sample")
+        samples = to_uint8(last.x)
+        n, h, w, _ = samples.shape
+        recipe_json = recipe.to_json()
+        gallery, files = [], []
+        for i, img in enumerate(samples):
+            name = "unconditional" if labels is None else (class_names[labels[i]] if class_names else str(labels[i]))
+            extra = {"image_index": i, "image_seed": recipe.seed + i, "label": None if labels is None else
+                     int(labels[i]), "class_name": name, "stopped_at_step": last.index + 1 if stopped else None}
+            path = save_png(Image.fromarray(img), out / f"sample_{i:02d}_{name}.png", recipe_json, extra)
+            files.append(path)
+            gallery.append((images.enlarge(img, 128), f"{i}: {name} (seed {recipe.seed + i})"))
+        grid_path = save_png(image_grid(samples, scale=max(1, 128 // w)), out / f"samples_{n}x{h}x{w}x3.png",
+                             recipe_json, {"labels": [] if labels is None else labels.tolist()})
+        npz = save_samples_npz(out / f"samples_{n}x{h}x{w}x3.npz", samples, labels)
+        files = [grid_path, npz, *files]
+        if trajectory is not None:
+            files.append(write_trajectory_animation(trajectory, out / "trajectory.gif"))
+            files.append(trajectory.save(out / "trajectory.npz"))
+        (out / "recipe.json").write_text(json.dumps(json.loads(recipe_json), indent=1) + "\n")
+        files.append(out / "recipe.json")
+        cli = replace(recipe, model=self.ctx.cli_model(recipe.model),
+                      classifier=self.ctx.cli_model(recipe.classifier))
+        return gallery, [str(f) for f in files], cli.cli_command()
+
+
+def write_trajectory_animation(traj, path: Path) -> Path:
+    """x_t | predicted x0, side by side, for (up to MAX_ANIMATION_FRAMES) recorded steps."""
+    count = len(traj.steps)
+    picks = np.unique(np.linspace(0, count - 1, min(count, MAX_ANIMATION_FRAMES)).round().astype(int))
+    frames = []
+    for pos in picks:
+        left = images.batch_view(traj.x[pos], 128)
+        right = images.batch_view(traj.pred_x0[pos], 128)
+        gap = np.full((left.shape[0], 4, 3), 255, np.uint8)
+        frames.append(np.concatenate([left, gap, right], axis=1))
+    return images.write_animation(frames, path)
