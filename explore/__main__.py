@@ -314,6 +314,11 @@ def cmd_super_res(argv: list[str]) -> int:
         else:
             raise CLIError("these base samples carry no labels and the upsampler is class-conditional: "
                            "give --class_label N or --classifier_path to predict them")
+    limit = model.loaded.num_classes  # label-embedding size: the null class (if any) upsamples without a class
+    if labels is not None and not ((labels >= 0) & (labels < limit)).all():
+        bad = sorted({int(y) for y in labels if not 0 <= y < limit})
+        null = f", {model.null_class} = the null class" if model.null_class is not None else ""
+        raise CLIError(f"labels {bad} are outside the upsampler's classes [0, {model.num_labels - 1}]{null}")
     label_tensor = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
     options = dict(options, classifier_path=None, class_label=None)  # the classifier only labelled the inputs
     out, labels_out, recipe = run_batches(options, registry, len(images), _int(options, "batch_size"),
@@ -344,7 +349,8 @@ def predict_labels(registry: ModelRegistry, classifier_name: str, images: torch.
 COMMANDS = {"sample": cmd_sample, "super-res": cmd_super_res}
 
 
-def print_help(file=sys.stdout) -> None:
+def print_help(file=None) -> None:
+    file = file or sys.stdout
     print(__doc__, file=file)
     print("extras:", file=file)
     for name, (_, default, text) in EXTRA_FLAGS.items():

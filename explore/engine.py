@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from explore.denoisers import ADMDenoiser, Cond, Denoiser
+from explore.denoisers import ADMDenoiser, Cond, Denoiser, Prediction
 from explore.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from explore.noise import NoiseSource, PerImageNoise
 from explore.samplers import SAMPLER_OPTIONS, SAMPLERS, Grid, Step
@@ -18,6 +18,7 @@ from explore.schedules import RespacingError, space_timesteps
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SEED = 2 ** 63 - 1
+EVAL_BATCH = 2  # images per network evaluation in batch-invariant runs
 
 
 class RecipeError(ValueError):
@@ -165,6 +166,7 @@ class Plan:
     noise: NoiseSource
     shape: tuple[int, int, int]
     class_names: list[str] | None
+    eval_batch: int | None = None  # evaluate the networks in chunks of exactly this many images (None: as given)
 
     @torch.no_grad()  # on a generator function: grad is off only while the generator runs, not in the caller
     def steps(self, should_stop: Callable[[], bool] | None = None) -> Iterator[Step]:
@@ -174,11 +176,52 @@ class Plan:
         expected = (self.recipe.batch_size, *self.shape)
         if tuple(x_T.shape) != expected:
             raise RecipeError(f"noise: x_T has shape {list(x_T.shape)}, this run needs {list(expected)}")
-        for step in sampler(self.denoiser, x_T, self.grid, self.cond, self.noise,
+        denoiser = self.denoiser if not self.eval_batch else FixedBatch(self.denoiser, self.eval_batch)
+        for step in sampler(denoiser, x_T, self.grid, self.cond, self.noise,
                             clip_denoised=self.recipe.clip_denoised, **self.recipe.sampler_options()):
             yield step
             if should_stop is not None and should_stop():
                 return
+
+
+class FixedBatch:
+    """A denoiser evaluated in chunks of exactly `size` images, the last chunk padded by repeating its last image.
+
+    CPU kernels choose their summation order by batch size (a GEMV for one row, other blockings for 6 or 16),
+    so an image's bits would depend on the batch it was drawn in; at one fixed evaluation size they do not.
+    Every per-image output (eps, variance, guidance gradient, stats) is computed from that image alone.
+    """
+
+    def __init__(self, inner: Denoiser, size: int = 2):
+        self.inner, self.size = inner, size
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> Prediction:
+        n = x.shape[0]
+        if n == self.size:
+            return self.inner(x, t, cond)
+        parts = []
+        for start in range(0, n, self.size):
+            count = min(self.size, n - start)
+            index = torch.arange(start, start + self.size, device=x.device).clamp_max(n - 1)
+            chunk_cond = Cond(*[None if v is None else v[index] for v in (cond.labels, cond.low_res)])
+            parts.append((count, self.inner(x[index], t[index] if t.ndim else t, chunk_cond)))
+        return _concat_predictions(parts)
+
+
+def _concat_predictions(parts: list[tuple[int, Prediction]]) -> Prediction:
+    def cat(values):
+        return None if values[0] is None else torch.cat(values)
+    first = parts[0][1]
+    pred = Prediction(cat([p.eps[:k] for k, p in parts]), cat([_head(p.var_values, k) for k, p in parts]),
+                      cat([_head(p.grad, k) for k, p in parts]), first.conflict_projection)
+    for key, value in first.stats.items():
+        if isinstance(value, torch.Tensor) and value.ndim and all(key in p.stats for _, p in parts):
+            pred.stats[key] = torch.cat([p.stats[key][:k] for k, p in parts])
+    return pred
+
+
+def _head(value, k):
+    return None if value is None else value[:k]
 
 
 def labels_for(recipe: Recipe, num_classes: int) -> torch.Tensor:
@@ -210,11 +253,14 @@ class SeededStepNoise:
 
 
 def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
-         low_res: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> Plan:
+         low_res: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+         batch_invariant: bool | None = None) -> Plan:
     """Resolve a recipe: load (cached) models, wrap guidance, build the grid and the noise.
 
     `labels` (int64 [batch_size]) override the recipe's class; `low_res` ([batch_size, 3, h, w] in [-1, 1])
     conditions a super-resolution model; `noise` replaces the seeded noise (e.g. a RecordedNoise).
+    `batch_invariant` evaluates the networks in fixed chunks of EVAL_BATCH images, so image i of a run is
+    bit-identical whatever the batch size; None = on CPU (whose kernels are deterministic), not on GPUs.
     """
     recipe.validate()
     main = registry.get(recipe.model)
@@ -252,8 +298,10 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
             raise RecipeError(f"labels: expected {recipe.batch_size} whole numbers, got {labels.dtype} "
                               f"shape {list(labels.shape)}")
         labels = labels.to(torch.int64)
-        if num_classes is not None and len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
-            raise RecipeError(f"labels: {labels.tolist()} are not all in [0, {num_classes - 1}]")
+        limit = main.num_classes if main.num_labels is not None else num_classes  # given labels may be the null class
+        if limit is not None and len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < limit):
+            null = f" ({main.null_class} is the null class)" if main.null_class is not None else ""
+            raise RecipeError(f"labels: {labels.tolist()} are not all in [0, {limit - 1}]{null}")
         if num_classes is None:
             labels = None  # an unconditional model without a classifier has no use for them
     if labels is not None:
@@ -302,7 +350,10 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
     x_T = getattr(noise, "x_T", None)
     if isinstance(x_T, torch.Tensor) and tuple(x_T.shape) != (recipe.batch_size, *shape):
         raise RecipeError(f"noise: x_T has shape {list(x_T.shape)}, this run needs {[recipe.batch_size, *shape]}")
-    return Plan(recipe, denoiser, grid, cond, noise, shape, main.class_names)
+    if batch_invariant is None:
+        batch_invariant = device.type == "cpu"
+    return Plan(recipe, denoiser, grid, cond, noise, shape, main.class_names,
+                EVAL_BATCH if batch_invariant else None)
 
 
 def _adm(loaded, precision, device) -> ADMDenoiser:
@@ -311,9 +362,10 @@ def _adm(loaded, precision, device) -> ADMDenoiser:
 
 
 def iterate(recipe: Recipe, registry, noise: NoiseSource | None = None, low_res: torch.Tensor | None = None,
-            labels: torch.Tensor | None = None, should_stop: Callable[[], bool] | None = None) -> Iterator[Step]:
+            labels: torch.Tensor | None = None, should_stop: Callable[[], bool] | None = None,
+            batch_invariant: bool | None = None) -> Iterator[Step]:
     """Steps of one run."""
-    return plan(recipe, registry, noise, low_res, labels).steps(should_stop)
+    return plan(recipe, registry, noise, low_res, labels, batch_invariant).steps(should_stop)
 
 
 def run(recipe: Recipe, registry, **kwargs) -> Step:

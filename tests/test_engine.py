@@ -7,7 +7,7 @@ import torch
 
 from explore.__main__ import recipe_from_command
 from explore.denoisers import ADMDenoiser, Cond
-from explore.engine import Recipe, RecipeError, SeededStepNoise, plan, run
+from explore.engine import FixedBatch, Recipe, RecipeError, SeededStepNoise, plan, run
 from explore.noise import PerImageNoise, RecordedNoise, Recorder
 from explore.outputs import to_uint8
 from explore.samplers import SAMPLERS, Grid
@@ -172,15 +172,32 @@ def test_reduced_precision_runs_on_cpu_and_stays_close(registry, precision, min_
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "euler_a"])
-def test_image_i_is_seed_plus_i_whatever_the_batch(registry, sampler):
-    base = dict(model="tiny_cond", sampler=sampler, respacing="6")  # class per image from its seed, too
-    big = run(Recipe(**base, seed=20, batch_size=3), registry)
-    one = plan(Recipe(**base, seed=21, batch_size=1), registry)
-    alone = list(one.steps())[-1].x
-    assert (to_uint8(big.x[1:2]) == to_uint8(alone)).all()
-    torch.testing.assert_close(big.x[1:2], alone, atol=1e-5, rtol=0)
-    labels = plan(Recipe(**base, seed=20, batch_size=3), registry).cond.labels
-    assert labels[1] == one.cond.labels[0]
+def test_image_i_is_seed_plus_i_bit_for_bit_whatever_the_batch(registry, sampler):
+    """CPU kernels sum in another order for 1 row than for 2-5 or 6+, so the networks run in fixed chunks."""
+    base = dict(model="tiny_cond", sampler=sampler, respacing="4", classifier="tiny_classifier",
+                classifier_scale=1.0)  # and a class per image drawn from its seed
+    big = run(Recipe(**base, seed=20, batch_size=7), registry).x
+    for seed, batch in [(21, 1), (22, 3)]:
+        small = run(Recipe(**base, seed=seed, batch_size=batch), registry).x
+        assert torch.equal(big[seed - 20:seed - 20 + batch], small)
+    labels = plan(Recipe(**base, seed=20, batch_size=7), registry).cond.labels
+    assert labels[2:5].tolist() == plan(Recipe(**base, seed=22, batch_size=3), registry).cond.labels.tolist()
+
+
+def test_fixed_batch_evaluation_is_the_plain_evaluation_per_image(registry):
+    the_plan = plan(Recipe(model="tiny_cond", cfg_scale=2.0, classifier="tiny_classifier", classifier_scale=1.5,
+                           batch_size=5, seed=1), registry)
+    x, t = torch.randn(5, *SHAPE), torch.tensor([999, 700, 400, 100, 0])
+    chunked = FixedBatch(the_plan.denoiser, 2)(x, t, the_plan.cond)
+    for i in range(5):
+        alone = the_plan.denoiser(x[i:i + 1], t[i:i + 1], Cond(the_plan.cond.labels[i:i + 1]))
+        for name in ("eps", "var_values", "grad"):
+            torch.testing.assert_close(getattr(chunked, name)[i:i + 1], getattr(alone, name), atol=1e-5, rtol=1e-5)
+        for key in ("log_prob", "cfg_delta_norm"):
+            torch.testing.assert_close(chunked.stats[key][i:i + 1], alone.stats[key], atol=1e-5, rtol=1e-5)
+    assert chunked.eps.shape == x.shape and chunked.stats["log_prob"].shape == (5,)
+    assert plan(Recipe(model="tiny_cond"), registry).eval_batch == 2  # on by default on CPU
+    assert plan(Recipe(model="tiny_cond"), registry, batch_invariant=False).eval_batch is None
 
 
 def test_recorded_noise_replays_with_another_guidance_scale(registry):
@@ -207,6 +224,14 @@ def test_x_T_alone_takes_the_per_step_noise_from_the_seeds(registry):
         final(recipe, registry, noise=RecordedNoise(x_T))
 
 
+def test_given_labels_may_be_the_null_class(registry):
+    null = registry.get("tiny_cond").null_class
+    the_plan = plan(Recipe(model="tiny_cond", respacing="4", batch_size=2), registry, labels=torch.tensor([null, 0]))
+    assert the_plan.cond.labels.tolist() == [null, 0]
+    with pytest.raises(RecipeError, match=r"^class_label: 4 is outside \[0, 3\]"):  # a recipe's class is a real one
+        plan(Recipe(model="tiny_cond", class_label=null), registry)
+
+
 def test_superres_plan_feeds_low_res_and_labels(registry):
     low = torch.rand(2, 3, SMALL, SMALL) * 2 - 1
     recipe = Recipe(model="tiny_sr", sampler="ddim", respacing="4", batch_size=2)
@@ -219,7 +244,8 @@ def test_superres_plan_feeds_low_res_and_labels(registry):
     (Recipe(model="tiny_sr", respacing="4"), {}, "^low_res: a super-resolution model needs"),
     (Recipe(model="tiny_cond", respacing="4"), {"low_res": torch.zeros(1, 3, 8, 8)}, "^low_res: 'tiny_cond' is not"),
     (Recipe(model="tiny_sr", respacing="4", batch_size=2), {"low_res": torch.zeros(1, 3, 8, 8)}, "^low_res: expected"),
-    (Recipe(model="tiny_cond", respacing="4"), {"labels": torch.tensor([CLASSES])}, r"^labels: \[4\] are not all in"),
+    (Recipe(model="tiny_cond", respacing="4"), {"labels": torch.tensor([CLASSES + 1])},
+     r"^labels: \[5\] are not all in \[0, 4\] \(4 is the null class\)"),
     (Recipe(model="tiny_cond", respacing="4", batch_size=2), {"labels": torch.tensor([1])}, "^labels: expected 2"),
     (Recipe(model="tiny_cond", class_label=CLASSES), {}, r"^class_label: 4 is outside \[0, 3\]"),
     (Recipe(model="tiny_uncond", cfg_scale=3.0), {}, "^cfg_scale: 'tiny_uncond' is unconditional"),
