@@ -22,8 +22,8 @@ KINDS = ["base", "classifier", "upsampler", "evaluator"]
 
 
 def tiny_base(num_classes: int, size: int = 32) -> UNetConfig:
-    return UNetConfig(image_size=size, model_channels=32, out_channels=3, num_res_blocks=1, attention_ds=(2,),
-                      channel_mult=(1, 2), num_classes=num_classes + 1, num_head_channels=32)
+    return UNetConfig(image_size=size, model_channels=32, out_channels=3, num_res_blocks=1, attention_ds=(),
+                      channel_mult=(1, 1, 1), num_classes=num_classes + 1, num_head_channels=32)
 
 
 def tiny_classifier(num_classes: int, size: int = 32) -> ClassifierConfig:
@@ -32,8 +32,9 @@ def tiny_classifier(num_classes: int, size: int = 32) -> ClassifierConfig:
 
 
 def tiny_upsampler(num_classes: int, large_size: int = 128) -> UNetConfig:
+    # Three levels: the middle block always has attention, so it must not run at full resolution.
     return UNetConfig(image_size=large_size, model_channels=32, out_channels=3, num_res_blocks=1, attention_ds=(),
-                      channel_mult=(1,), num_classes=num_classes + 1, super_res=True)
+                      channel_mult=(1, 1, 1), num_classes=num_classes + 1, num_head_channels=32, super_res=True)
 
 
 @contextlib.contextmanager
