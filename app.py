@@ -45,7 +45,7 @@ def sampling_tab(ctx: AppContext, session: gr.State):
             with gr.Row():
                 sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", min_width=120)
                 respacing = gr.Textbox("50", label="Timestep respacing", info="'50', 'ddim25', '10,15,20'",
-                                       min_width=140)
+                                       min_width=140, elem_id="sample-respacing")
             respacing_msg = gr.Markdown(elem_id="respacing-msg")
             karras = gr.Checkbox(False, label="Karras noise levels", interactive=False)
             with gr.Row():
@@ -60,8 +60,8 @@ def sampling_tab(ctx: AppContext, session: gr.State):
                 method = gr.Radio(METHODS, value="standard", label="Guidance method")
             with gr.Row():
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed", min_width=100)
-                batch = gr.Slider(1, 16, 2, step=1, label="Batch size", min_width=120)
-            preview_every = gr.Slider(1, 50, 5, step=1, label="Preview every N steps")
+                batch = gr.Slider(1, 16, 2, step=1, label="Batch size", min_width=120, elem_id="sample-batch")
+            preview_every = gr.Slider(1, 50, 5, step=1, label="Preview every N steps", elem_id="sample-every")
             with gr.Row():
                 run = gr.Button("Run", variant="primary", elem_id="sample-run")
                 stop = gr.Button("Stop", variant="stop", elem_id="sample-stop")
@@ -146,15 +146,15 @@ def compare_tab(ctx: AppContext, session: gr.State):
             class_choice = gr.Dropdown(names, value=names[0], label="Requested class")
             with gr.Row():
                 sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", min_width=120)
-                respacing = gr.Textbox("25", label="Timestep respacing", min_width=120)
+                respacing = gr.Textbox("25", label="Timestep respacing", min_width=120, elem_id="compare-respacing")
             classifier = gr.Dropdown(["none", *classifiers], value=classifiers[0] if classifiers else "none",
                                      label="Guidance classifier")
-            classifier_scales = gr.Textbox("0, 2, 6", label="Classifier scales (rows)")
-            cfg_scales = gr.Textbox("1, 2, 4", label="CFG scales (columns)")
+            classifier_scales = gr.Textbox("0, 2, 6", label="Classifier scales (rows)", elem_id="compare-clf-scales")
+            cfg_scales = gr.Textbox("1, 2, 4", label="CFG scales (columns)", elem_id="compare-cfg-scales")
             method = gr.Radio(METHODS, value="standard", label="Guidance method")
             with gr.Row():
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed", min_width=100)
-                per_cell = gr.Slider(1, 8, 4, step=1, label="Images per cell", min_width=120)
+                per_cell = gr.Slider(1, 8, 4, step=1, label="Images per cell", min_width=120, elem_id="compare-per-cell")
             evaluator = gr.Dropdown(["none", *evaluators], value=evaluators[0] if evaluators else "none",
                                     label="Evaluation classifier (never used for guidance)")
             with gr.Row():
@@ -229,7 +229,7 @@ def upsample_tab(ctx: AppContext, session: gr.State):
     choices = lab_class_choices(ctx, up0)
     with gr.Row():
         upsampler = gr.Dropdown(upsamplers, value=up0, label="Upsampler", scale=2)
-        up_respacing = gr.Textbox("20", label="Upsampler respacing (DDIM)", scale=1)
+        up_respacing = gr.Textbox("20", label="Upsampler respacing (DDIM)", scale=1, elem_id="up-respacing")
         seed = gr.Number(0, precision=0, minimum=0, label="Seed", scale=1)
         stop = gr.Button("Stop", variant="stop", elem_id="upsample-stop", scale=1)
     with gr.Row(equal_height=False):
@@ -242,8 +242,8 @@ def upsample_tab(ctx: AppContext, session: gr.State):
                 gen_class = gr.Dropdown(choices, value=choices[1] if len(choices) > 1 else choices[0],
                                         label="Class")
             with gr.Row():
-                count = gr.Slider(1, 8, 2, step=1, label="Images")
-                base_respacing = gr.Textbox("25", label="Base respacing (DDIM)")
+                count = gr.Slider(1, 8, 2, step=1, label="Images", elem_id="gen-count")
+                base_respacing = gr.Textbox("25", label="Base respacing (DDIM)", elem_id="gen-respacing")
             npz = gr.File(label="…or upload low-res samples (.npz)", file_types=[".npz"], height=90)
             preview_every = gr.Slider(1, 50, 5, step=1, label="Preview every N steps")
             gen_run = gr.Button("Generate and upsample", variant="primary", elem_id="gen-run")
@@ -280,7 +280,7 @@ def upsample_tab(ctx: AppContext, session: gr.State):
                                 elem_id="wild-high", min_width=120)
             numbers = gr.Dataframe(label="Against the original", interactive=False, elem_id="wild-metrics")
             with gr.Row():
-                n_classes = gr.Slider(2, 8, 4, step=1, label="Classes")
+                n_classes = gr.Slider(2, 8, 4, step=1, label="Classes", elem_id="wild-n-classes")
                 classes_run = gr.Button("Upsample under several classes", elem_id="wild-classes-run")
             classes_status = gr.Markdown()
             classes_gallery = gr.Gallery(label="One photo, one noise, several classes", columns=4, format="png",
