@@ -209,6 +209,10 @@ def run_batches(options, registry, total: int, batch_size: int, desc: str, low_r
         return plan(recipe, registry, noise=noise, low_res=batch_low, labels=batch_labels)
 
     run = make_plan(0)  # bad input fails here, before the progress bar appears
+    if noise_file is not None and noise_file.steps is not None and len(noise_file.steps) < len(run.grid) \
+            and (run.recipe.sampler in ("ddpm", "ddim", "euler_a") or (run.recipe.sampler == "heun" and run.recipe.churn)):
+        raise CLIError(f"--noise holds {len(noise_file.steps)} steps of noise; {run.recipe.sampler} with "
+                       f"--timestep_respacing {run.recipe.respacing} needs {len(run.grid)}")
     images, all_labels = [], []
     bar = tqdm(total=len(run.grid) * total, desc=desc, unit="img-step", file=sys.stderr)
     try:

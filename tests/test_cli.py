@@ -222,6 +222,9 @@ def test_noise_file_gives_x_T_and_optionally_every_step(tmp_path, capsys, tiny):
     np.save(tmp_path / "small.npy", np.zeros((1, 3, 8, 8), np.float32))
     code, _, err = cli_run(capsys, "sample", *common, "--noise", tmp_path / "small.npy", "--out_dir", tmp_path)
     assert code == 2 and err == ["error: --noise: x_T has shape [1, 3, 8, 8], this run needs [1, 3, 16, 16]"]
+    code, _, err = cli_run(capsys, "sample", *common, "--noise", tmp_path / "all.npz", "--timestep_respacing", 6,
+                           "--out_dir", tmp_path)
+    assert code == 2 and err == ["error: --noise holds 4 steps of noise; ddpm with --timestep_respacing 6 needs 6"]
     code, _, err = cli_run(capsys, "sample", *common, "--noise", tmp_path / "x_T.npy", "--num_samples", 5,
                            "--out_dir", tmp_path)
     assert code == 2 and err == ["error: --noise holds x_T for 2 images, 5 are asked for"]
