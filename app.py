@@ -15,7 +15,7 @@ from explore.ui import plots, trajectory  # noqa: E402
 from explore.ui.compare import Comparison  # noqa: E402
 from explore.ui.context import AppContext, class_choices  # noqa: E402
 from explore.ui.gpu import gpu  # noqa: E402
-from explore.ui.sampling import Sampler, model_changed, sampler_changed, validate_respacing  # noqa: E402
+from explore.ui.sampling import Sampler, sampler_changed  # noqa: E402
 from explore.ui.session import new_session  # noqa: E402
 from explore.ui.upsample_lab import NATIVE, SUGGEST, WHOLE, Lab, lab_class_choices  # noqa: E402
 
@@ -99,19 +99,19 @@ def sampling_tab(ctx: AppContext, session: gr.State):
                       show_progress_on=[status], **HEAVY)
     stop.click(sampler_h.stop, [session], None, api_name="stop_sample", queue=False)
     check = [model, respacing, sampler, karras]
-    respacing.change(lambda *a: validate_respacing(ctx, *a), check, [respacing_msg, respacing_plot],
+    respacing.change(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
                      api_name="validate_respacing", show_progress="hidden", trigger_mode="always_last", **LIGHT)
     sampler.change(sampler_changed, [sampler], [eta, churn, karras], api_name="sampler_options",
                    show_progress="hidden", **LIGHT) \
-        .then(lambda *a: validate_respacing(ctx, *a), check, [respacing_msg, respacing_plot],
+        .then(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
               api_name="validate_respacing_sampler", show_progress="hidden", **LIGHT)
-    karras.input(lambda *a: validate_respacing(ctx, *a), check, [respacing_msg, respacing_plot],
+    karras.input(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
                  api_name="validate_respacing_karras", show_progress="hidden", **LIGHT)
-    model.change(lambda m: model_changed(ctx, m), [model], [class_choice, cfg_scale, classifier],
+    model.change(sampler_h.model_options, [model], [class_choice, cfg_scale, classifier],
                  api_name="model_options", show_progress="hidden", **LIGHT) \
-        .then(lambda *a: validate_respacing(ctx, *a), check, [respacing_msg, respacing_plot],
+        .then(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
               api_name="validate_respacing_model", show_progress="hidden", **LIGHT)
-    return event, check, (respacing_msg, respacing_plot)
+    return event, sampler_h, check, (respacing_msg, respacing_plot)
 
 
 def _sampling_examples(ctx: AppContext, model: str, classifiers: list[str]) -> list[list]:
@@ -174,11 +174,7 @@ def compare_tab(ctx: AppContext, session: gr.State):
               [grid, table, tradeoff, status, files, session], api_name="compare", show_progress="full",
               show_progress_on=[status], **HEAVY)
     stop.click(handler.stop, [session], None, api_name="stop_compare", queue=False)
-
-    def classes_for(m):
-        names = class_choices(ctx.info(m))[1:]
-        return gr.update(choices=names, value=names[0])
-    model.change(classes_for, [model], [class_choice], api_name="compare_model_options", show_progress="hidden",
+    model.change(handler.model_options, [model], [class_choice], api_name="compare_model_options", show_progress="hidden",
                  **LIGHT)
 
 
@@ -302,11 +298,7 @@ def upsample_tab(ctx: AppContext, session: gr.State):
                       [classes_gallery, classes_status, session], api_name="upsample_wild_classes",
                       show_progress="full", show_progress_on=[classes_status], **HEAVY)
     stop.click(lab.stop, [session], None, api_name="stop_upsample", queue=False)
-
-    def classes_for(u):
-        names = lab_class_choices(ctx, u)
-        return gr.update(choices=names, value=names[0]), gr.update(choices=names, value=names[-1])
-    upsampler.change(classes_for, [upsampler], [wild_class, gen_class], api_name="upsampler_options",
+    upsampler.change(lab.upsampler_options, [upsampler], [wild_class, gen_class], api_name="upsampler_options",
                      show_progress="hidden", **LIGHT)
 
 
@@ -339,10 +331,10 @@ def build(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("Models", id="models"):
                 models_tab(ctx)
         if wired is not None:
-            event, check, respacing_outputs = wired
+            event, sampler_h, check, respacing_outputs = wired
             event.success(trajectory.load_latest, [session, tol], loaded, api_name="trajectory_after_run", **LIGHT) \
                 .success(**show, api_name="trajectory_show_after_run")
-            demo.load(lambda *a: validate_respacing(ctx, *a), check, list(respacing_outputs),
+            demo.load(sampler_h.check_respacing, check, list(respacing_outputs),
                       api_name="validate_respacing_on_load", show_progress="hidden")
     return demo
 

@@ -15,7 +15,7 @@ from explore.engine import Recipe, RecipeError, plan
 from explore.noise import PerImageNoise, Recorder
 from explore.outputs import save_png, save_samples_npz, to_uint8
 from explore.ui import images, plots
-from explore.ui.context import AppContext, class_index, optional
+from explore.ui.context import AppContext, class_choices, class_index, optional
 from explore.ui.sampling import check_compatible
 from explore.ui.session import Session, ensure
 
@@ -65,7 +65,13 @@ class Comparison:
         self.ctx = ctx
 
     def stop(self, session: Session) -> None:
+        """Ask the running sweep of this session to end after its current step."""
         ensure(session).request_stop("compare")
+
+    def model_options(self, model: str):
+        """The requested-class choices of a model."""
+        names = class_choices(self.ctx.info(model))[1:]
+        return gr.update(choices=names, value=names[0] if names else None)
 
     def run(self, model, class_choice, sampler, respacing, classifier, classifier_scales, cfg_scales,
             guidance_method, seed, per_cell, evaluator, session: Session, progress=gr.Progress()):

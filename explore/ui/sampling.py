@@ -149,6 +149,14 @@ class Sampler:
         """Ask the running sampler loop of this session to end after its current step."""
         ensure(session).request_stop("sample")
 
+    def check_respacing(self, model: str, respacing: str, sampler: str, karras: bool):
+        """Validate the respacing text; plot the kept timesteps on the noise-level curve."""
+        return validate_respacing(self.ctx, model, respacing, sampler, karras)
+
+    def model_options(self, model: str):
+        """Class choices, whether CFG applies, and the fitting guidance classifiers of a model."""
+        return model_changed(self.ctx, model)
+
     def run(self, model, class_choice, sampler, respacing, karras, classifier, classifier_scale, cfg_scale,
             guidance_method, eta, churn, seed, batch_size, preview_every, session: Session,
             progress=gr.Progress()):

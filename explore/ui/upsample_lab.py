@@ -62,7 +62,13 @@ class Lab:
     # --- shared ---------------------------------------------------------------------------------
 
     def stop(self, session: Session) -> None:
+        """Ask the running upsampling of this session to end after its current step."""
         ensure(session).request_stop("upsample")
+
+    def upsampler_options(self, upsampler: str):
+        """Class choices of an upsampler for the photo (suggested first) and for generated images."""
+        names = lab_class_choices(self.ctx, upsampler)
+        return gr.update(choices=names, value=names[0]), gr.update(choices=names, value=names[-1])
 
     def classify(self, low: np.ndarray, upsampler: str) -> np.ndarray | None:
         """Class probabilities [N, classes] of low-res uint8 NHWC images: the evaluator, else the noisy
