@@ -162,7 +162,7 @@ def compare_tab(ctx: AppContext, session: gr.State):
                 stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
         with gr.Column(scale=2, min_width=320):
             status = gr.Markdown("Same seed, same noise, one cell per pair of scales.", elem_id="compare-status")
-            grid = gr.Image(label="Sweep", format="png", interactive=False, elem_id="compare-grid",
+            grid = gr.Image(label="Sweep", format="png", interactive=False, elem_id="compare-grid", show_label=False,
                             elem_classes=["pixelated"])
             table = gr.Dataframe(label="Per-cell numbers (evaluation classifier)", elem_id="compare-table",
                                  interactive=False)

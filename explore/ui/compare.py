@@ -139,8 +139,8 @@ class Comparison:
                 cell_size = cells[(i, j)].shape[:2]
                 if numbers["confidence"] is not None:
                     notes[(i, j)] = f"p={numbers['confidence']:.2f} acc={numbers['accuracy']:.2f}"
-                table.append([cls_scale, cfg, numbers["confidence"], numbers["accuracy"], numbers["diversity"],
-                              round(seconds, 2)])
+                table.append([cls_scale, cfg, *(None if numbers[k] is None else round(numbers[k], 3)
+                                                for k in ("confidence", "accuracy", "diversity")), round(seconds, 2)])
                 points.append({**numbers, "name": f"clf {cls_scale:g} / cfg {cfg:g}",
                                "strength": cfg + cls_scale})
                 done += 1
