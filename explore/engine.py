@@ -176,52 +176,37 @@ class Plan:
         expected = (self.recipe.batch_size, *self.shape)
         if tuple(x_T.shape) != expected:
             raise RecipeError(f"noise: x_T has shape {list(x_T.shape)}, this run needs {list(expected)}")
-        denoiser = self.denoiser if not self.eval_batch else FixedBatch(self.denoiser, self.eval_batch)
-        for step in sampler(denoiser, x_T, self.grid, self.cond, self.noise,
+        for step in sampler(self.denoiser, x_T, self.grid, self.cond, self.noise,
                             clip_denoised=self.recipe.clip_denoised, **self.recipe.sampler_options()):
             yield step
             if should_stop is not None and should_stop():
                 return
 
 
-class FixedBatch:
-    """A denoiser evaluated in chunks of exactly `size` images, the last chunk padded by repeating its last image.
+class FixedBatch(torch.nn.Module):
+    """A network evaluated in chunks of exactly `size` rows, the last chunk padded by repeating its last row.
 
     CPU kernels choose their summation order by batch size (a GEMV for one row, other blockings for 6 or 16),
     so an image's bits would depend on the batch it was drawn in; at one fixed evaluation size they do not.
-    Every per-image output (eps, variance, guidance gradient, stats) is computed from that image alone.
+    Rows never mix inside these networks, so each output row depends on its own input row alone. Wrapping
+    the networks (not the guidance) keeps CFG's stacked [cond, uncond] pair of one image in one chunk.
     """
 
-    def __init__(self, inner: Denoiser, size: int = 2):
-        self.inner, self.size = inner, size
+    def __init__(self, network: torch.nn.Module, size: int = 2):
+        super().__init__()
+        self.network, self.size = network, size
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> Prediction:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         n = x.shape[0]
         if n == self.size:
-            return self.inner(x, t, cond)
-        parts = []
+            return self.network(x, t, **kwargs)
+        outputs = []
         for start in range(0, n, self.size):
-            count = min(self.size, n - start)
             index = torch.arange(start, start + self.size, device=x.device).clamp_max(n - 1)
-            chunk_cond = Cond(*[None if v is None else v[index] for v in (cond.labels, cond.low_res)])
-            parts.append((count, self.inner(x[index], t[index] if t.ndim else t, chunk_cond)))
-        return _concat_predictions(parts)
-
-
-def _concat_predictions(parts: list[tuple[int, Prediction]]) -> Prediction:
-    def cat(values):
-        return None if values[0] is None else torch.cat(values)
-    first = parts[0][1]
-    pred = Prediction(cat([p.eps[:k] for k, p in parts]), cat([_head(p.var_values, k) for k, p in parts]),
-                      cat([_head(p.grad, k) for k, p in parts]), first.conflict_projection)
-    for key, value in first.stats.items():
-        if isinstance(value, torch.Tensor) and value.ndim and all(key in p.stats for _, p in parts):
-            pred.stats[key] = torch.cat([p.stats[key][:k] for k, p in parts])
-    return pred
-
-
-def _head(value, k):
-    return None if value is None else value[:k]
+            chunk = {k: None if v is None else v[index] for k, v in kwargs.items()}
+            out = self.network(x[index], t[index] if t.ndim else t, **chunk)
+            outputs.append(out[:min(self.size, n - start)])
+        return torch.cat(outputs)
 
 
 def labels_for(recipe: Recipe, num_classes: int) -> torch.Tensor:
@@ -274,7 +259,10 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
                           "models with original timesteps (every guided-diffusion release) are supported")
     device = registry.device
     precision = PRECISIONS[recipe.precision]
-    denoiser: Denoiser = _adm(main, precision, device)
+    if batch_invariant is None:
+        batch_invariant = device.type == "cpu"
+    eval_batch = EVAL_BATCH if batch_invariant else None
+    denoiser: Denoiser = _adm(main, precision, device, eval_batch)
     size = main.image_size
     shape = (3, size, size)
     num_classes = main.num_labels
@@ -320,14 +308,16 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
             if uncond.image_size != size or not same_process:
                 raise RecipeError(f"uncond_model: {recipe.uncond_model!r} must have the image size and diffusion "
                                   f"process of {recipe.model!r}")
-            denoiser = ClassifierFreeGuidance(denoiser, recipe.cfg_scale, uncond_denoiser=_adm(uncond, precision, device))
+            denoiser = ClassifierFreeGuidance(denoiser, recipe.cfg_scale, uncond_denoiser=_adm(uncond, precision, device,
+                                                                                           eval_batch))
         elif main.null_class is not None:
             denoiser = ClassifierFreeGuidance(denoiser, recipe.cfg_scale, null_class=main.null_class)
         else:
             raise RecipeError(f"cfg_scale: {recipe.model!r} was not trained with a null label; name an "
                               "unconditional model of the same size (uncond_model) or set cfg_scale to 1")
     if classifier is not None:
-        denoiser = ClassifierGuidance(denoiser, classifier.module, recipe.classifier_scale,
+        classifier_net = FixedBatch(classifier.module, eval_batch) if eval_batch else classifier.module
+        denoiser = ClassifierGuidance(denoiser, classifier_net, recipe.classifier_scale,
                                       recipe.guidance_method, precision)
     elif recipe.classifier_scale != 0:
         raise RecipeError("classifier_scale: no classifier is selected, so the scale must be 0")
@@ -350,14 +340,12 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
     x_T = getattr(noise, "x_T", None)
     if isinstance(x_T, torch.Tensor) and tuple(x_T.shape) != (recipe.batch_size, *shape):
         raise RecipeError(f"noise: x_T has shape {list(x_T.shape)}, this run needs {[recipe.batch_size, *shape]}")
-    if batch_invariant is None:
-        batch_invariant = device.type == "cpu"
-    return Plan(recipe, denoiser, grid, cond, noise, shape, main.class_names,
-                EVAL_BATCH if batch_invariant else None)
+    return Plan(recipe, denoiser, grid, cond, noise, shape, main.class_names, eval_batch)
 
 
-def _adm(loaded, precision, device) -> ADMDenoiser:
-    return ADMDenoiser(loaded.module, loaded.diffusion.learn_sigma, class_cond=loaded.num_labels is not None,
+def _adm(loaded, precision, device, eval_batch: int | None) -> ADMDenoiser:
+    network = FixedBatch(loaded.module, eval_batch) if eval_batch else loaded.module
+    return ADMDenoiser(network, loaded.diffusion.learn_sigma, class_cond=loaded.num_labels is not None,
                        precision=precision, channels_last=device.type == "cuda")
 
 
