@@ -17,7 +17,7 @@ from explore.ui.context import AppContext, class_choices  # noqa: E402
 from explore.ui.gpu import gpu  # noqa: E402
 from explore.ui.sampling import Sampler, sampler_changed  # noqa: E402
 from explore.ui.session import new_session  # noqa: E402
-from explore.ui.upsample_lab import NATIVE, SUGGEST, WHOLE, Lab, lab_class_choices  # noqa: E402
+from explore.ui.upsample_lab import NATIVE, WHOLE, Lab, lab_class_choices  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSS_PATH = os.path.join(HERE, "assets", "style.css")
@@ -154,7 +154,8 @@ def compare_tab(ctx: AppContext, session: gr.State):
             method = gr.Radio(METHODS, value="standard", label="Guidance method")
             with gr.Row():
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed", min_width=100)
-                per_cell = gr.Slider(1, 8, 4, step=1, label="Images per cell", min_width=120, elem_id="compare-per-cell")
+                per_cell = gr.Slider(1, 8, 4, step=1, label="Images per cell", min_width=120,
+                                     elem_id="compare-per-cell")
             evaluator = gr.Dropdown(["none", *evaluators], value=evaluators[0] if evaluators else "none",
                                     label="Evaluation classifier (never used for guidance)")
             with gr.Row():
@@ -162,8 +163,8 @@ def compare_tab(ctx: AppContext, session: gr.State):
                 stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
         with gr.Column(scale=2, min_width=320):
             status = gr.Markdown("Same seed, same noise, one cell per pair of scales.", elem_id="compare-status")
-            grid = gr.Image(label="Sweep", format="png", interactive=False, elem_id="compare-grid", show_label=False,
-                            elem_classes=["pixelated"])
+            grid = gr.Image(label="Sweep", format="png", interactive=False, elem_id="compare-grid",
+                            show_label=False, elem_classes=["pixelated"])
             table = gr.Dataframe(label="Per-cell numbers (evaluation classifier)", elem_id="compare-table",
                                  interactive=False)
             tradeoff = gr.Plot(label="Trade-off", format="png", elem_id="compare-tradeoff", show_label=False)
@@ -174,7 +175,8 @@ def compare_tab(ctx: AppContext, session: gr.State):
               [grid, table, tradeoff, status, files, session], api_name="compare", show_progress="full",
               show_progress_on=[status], **HEAVY)
     stop.click(handler.stop, [session], None, api_name="stop_compare", queue=False)
-    model.change(handler.model_options, [model], [class_choice], api_name="compare_model_options", show_progress="hidden",
+    model.change(handler.model_options, [model], [class_choice], api_name="compare_model_options",
+                 show_progress="hidden",
                  **LIGHT)
 
 
@@ -191,10 +193,12 @@ def trajectory_tab(session: gr.State):
         views = [gr.Image(label=label, format="png", interactive=False, elem_classes=["pixelated"], min_width=140)
                  for label in ("x_t (after this step)", "predicted x0", "predicted noise", "guidance term")]
     caption = gr.Markdown()
-    spectrum = gr.Plot(label="Power spectrum of predicted x0", format="png", elem_id="trajectory-spectrum", show_label=False)
+    spectrum = gr.Plot(label="Power spectrum of predicted x0", format="png", elem_id="trajectory-spectrum",
+                       show_label=False)
     with gr.Row():
         tol = gr.Slider(0.02, 0.5, 0.1, step=0.02, label="Settled when |x0 - final| stays below", scale=1)
-        settle = gr.Plot(label="When each region settled", format="png", scale=2, elem_id="trajectory-settle", show_label=False)
+        settle = gr.Plot(label="When each region settled", format="png", scale=2, elem_id="trajectory-settle",
+                         show_label=False)
 
     loaded = [step, image_choice, info, settle]
     shown = [*views, caption, spectrum]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from explore.engine import Recipe, run
@@ -51,7 +50,7 @@ def test_sampling_streams_previews_every_n_steps_then_results(app_context):
     assert len(noise) == 10 and len(rms) == 20 and len(p_class) == 20  # classifier present at scale 0
     assert ((p_class["value"] >= 0) & (p_class["value"] <= 1)).all() and guidance.empty
     status, gallery, files, command = outputs[-1][2], outputs[-1][7], outputs[-1][8], outputs[-1][9]
-    assert status.startswith("Finished step 10/10") and len(gallery) == 2
+    assert status.startswith("Finished step 10/10") and len(gallery) == 2 and len(files) == 8
     assert command.startswith("python -m explore sample") and "--timestep_respacing 10" in command
     assert session.trajectory is not None and len(session.trajectory.steps) == 10
 
@@ -71,8 +70,9 @@ def test_results_reproduce_from_the_png_recipe(app_context):
     assert np.array_equal(np.asarray(Image.open(single)), images[1])
     again = to_uint8(run(recipe, app_context.registry).x)
     assert np.array_equal(again, images)  # the recipe alone reproduces the run
-    with Image.open(by_suffix["gif"][0]) as gif:
-        assert gif.n_frames == 8
+    for animation in by_suffix["gif"] + by_suffix["webp"]:
+        with Image.open(animation) as frames:
+            assert frames.n_frames == 8
     traj = Trajectory.load([f for f in by_suffix["npz"] if "trajectory" in f][0])
     assert traj.x.shape == (8, 2, 3, 32, 32) and traj.total == 8
 

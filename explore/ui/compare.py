@@ -101,7 +101,7 @@ class Comparison:
             raise gr.Error(str(err)) from None
 
         session.start("compare")
-        noise = Recorder(PerImageNoise.from_seed(base.seed, per_cell, (3, info.image_size, info.image_size),
+        source = recorder = Recorder(PerImageNoise.from_seed(base.seed, per_cell, (3, info.image_size, info.image_size),
                                                  self.ctx.registry.device))
         cells, notes, table, points, samples = {}, {}, [], [], {}
         row_names = [f"classifier {r:g}" for r in rows]
@@ -116,7 +116,7 @@ class Comparison:
             for j, cfg in enumerate(cols):
                 recipe = replace(base, classifier_scale=cls_scale if classifier else 0.0, cfg_scale=cfg)
                 try:
-                    run = plan(recipe, self.ctx.registry, noise=noise if done == 0 else replay)
+                    run = plan(recipe, self.ctx.registry, noise=source)
                 except RecipeError as err:
                     raise gr.Error(str(err)) from None
                 started, last = time.perf_counter(), None
@@ -127,8 +127,8 @@ class Comparison:
                     yield self._view(cells, notes, row_names, col_names, cell_size or (96, 96), table, points,
                                      f"Stopped after {done} of {total_cells} cells.", session)
                     return
-                if done == 0:
-                    replay = noise.replay()
+                if done == 0:  # every later cell replays the first cell's x_T and per-step noise
+                    source = recorder.replay()
                 seconds = time.perf_counter() - started
                 x = last.x.clamp(-1, 1)
                 samples[(i, j)] = to_uint8(x)

@@ -9,12 +9,11 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 from explore.engine import Recipe, RecipeError, plan
 from explore.outputs import image_grid, save_png, save_samples_npz, to_uint8
-from explore.samplers import SAMPLER_OPTIONS, SAMPLERS, Grid, Step
+from explore.samplers import SAMPLER_OPTIONS, Grid, Step
 from explore.schedules import RespacingError
 from explore.ui import images, plots
 from explore.ui.context import AppContext, class_choices, class_index, optional
@@ -233,7 +232,8 @@ class Sampler:
         npz = save_samples_npz(out / f"samples_{n}x{h}x{w}x3.npz", samples, labels)
         files = [grid_path, npz, *files]
         if trajectory is not None:
-            files.append(write_trajectory_animation(trajectory, out / "trajectory.gif"))
+            files.extend(write_trajectory_animation(trajectory, out / name) for name in ("trajectory.gif",
+                                                                                           "trajectory.webp"))
             files.append(trajectory.save(out / "trajectory.npz"))
         (out / "recipe.json").write_text(json.dumps(json.loads(recipe_json), indent=1) + "\n")
         files.append(out / "recipe.json")

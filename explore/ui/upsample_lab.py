@@ -245,7 +245,8 @@ class Lab:
             h, w = img.shape[:2]
             scale = out / min(h, w)
             size = (max(out, round(w * scale)), max(out, round(h * scale)))
-            crop = np.ascontiguousarray(center_crop(np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS)), out))
+            resized = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
+            crop = np.ascontiguousarray(center_crop(resized, out))
         return crop, downscale(crop, out // small)
 
     def suggest(self, name, upload, upsampler, mode):
