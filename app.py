@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 from explore.data.wild import WILD_PHOTO_NAMES  # noqa: E402
 from explore.samplers import SAMPLERS  # noqa: E402
-from explore.ui import plots, trajectory  # noqa: E402
+from explore.ui import plots, progress, trajectory  # noqa: E402
 from explore.ui.compare import Comparison  # noqa: E402
 from explore.ui.context import AppContext, class_choices  # noqa: E402
 from explore.ui.gpu import gpu  # noqa: E402
@@ -69,6 +69,7 @@ def sampling_tab(ctx: AppContext, session: gr.State):
                                      elem_id="respacing-plot", show_label=False)
         with gr.Column(scale=2, min_width=320):
             status = gr.Markdown("Press **Run** to sample.", elem_id="sample-status")
+            bar = gr.HTML(progress.bar(0, 1), elem_id="sample-progress", padding=False)
             with gr.Row():
                 x_t = gr.Image(label="x_t", format="png", interactive=False, elem_id="preview-xt",
                                elem_classes=["pixelated"], min_width=160)
@@ -94,8 +95,8 @@ def sampling_tab(ctx: AppContext, session: gr.State):
     sampler_h = Sampler(ctx)
     inputs = [model, class_choice, sampler, respacing, karras, classifier, classifier_scale, cfg_scale, method,
               eta, churn, seed, batch, preview_every, session]
-    outputs = [x_t, x0, status, *tele, gallery, files, command, session]
-    event = run.click(gpu(300)(sampler_h.run), inputs, outputs, api_name="sample", show_progress="full",
+    outputs = [x_t, x0, status, bar, *tele, gallery, files, command, session]
+    event = run.click(gpu(300)(sampler_h.run), inputs, outputs, api_name="sample", show_progress="minimal",
                       show_progress_on=[status], **HEAVY)
     stop.click(sampler_h.stop, [session], None, api_name="stop_sample", queue=False)
     check = [model, respacing, sampler, karras]
@@ -163,6 +164,7 @@ def compare_tab(ctx: AppContext, session: gr.State):
                 stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
         with gr.Column(scale=2, min_width=320):
             status = gr.Markdown("Same seed, same noise, one cell per pair of scales.", elem_id="compare-status")
+            bar = gr.HTML(progress.bar(0, 1), elem_id="compare-progress", padding=False)
             grid = gr.Image(label="Sweep", format="png", interactive=False, elem_id="compare-grid",
                             show_label=False, elem_classes=["pixelated"])
             table = gr.Dataframe(label="Per-cell numbers (evaluation classifier)", elem_id="compare-table",
@@ -172,7 +174,7 @@ def compare_tab(ctx: AppContext, session: gr.State):
     handler = Comparison(ctx)
     run.click(gpu(600)(handler.run), [model, class_choice, sampler, respacing, classifier, classifier_scales,
                                       cfg_scales, method, seed, per_cell, evaluator, session],
-              [grid, table, tradeoff, status, files, session], api_name="compare", show_progress="full",
+              [grid, table, tradeoff, status, bar, files, session], api_name="compare", show_progress="minimal",
               show_progress_on=[status], **HEAVY)
     stop.click(handler.stop, [session], None, api_name="stop_compare", queue=False)
     model.change(handler.model_options, [model], [class_choice], api_name="compare_model_options",
@@ -248,6 +250,7 @@ def upsample_tab(ctx: AppContext, session: gr.State):
             preview_every = gr.Slider(1, 50, 5, step=1, label="Preview every N steps")
             gen_run = gr.Button("Generate and upsample", variant="primary", elem_id="gen-run")
             gen_status = gr.Markdown(elem_id="gen-status")
+            gen_bar = gr.HTML(progress.bar(0, 1), elem_id="gen-progress", padding=False)
             with gr.Row():
                 gen_low = gr.Image(label="low-res (nearest, enlarged)", format="png", interactive=False,
                                    elem_classes=["pixelated"], elem_id="gen-low")
@@ -290,8 +293,8 @@ def upsample_tab(ctx: AppContext, session: gr.State):
 
     gen_run.click(gpu(300)(lab.generated), [base, gen_class, seed, count, base_respacing, upsampler, up_respacing,
                                             npz, preview_every, session],
-                  [gen_low, gen_high, gen_status, sharp, gen_files, session], api_name="upsample_generated",
-                  show_progress="full", show_progress_on=[gen_status], **HEAVY)
+                  [gen_low, gen_high, gen_status, gen_bar, sharp, gen_files, session],
+                  api_name="upsample_generated", show_progress="minimal", show_progress_on=[gen_status], **HEAVY)
     suggest.click(gpu(60)(lab.suggest), [photo, upload, upsampler, mode], [top, wild_class, low, suggest_msg],
                   api_name="suggest_classes", show_progress="minimal", **HEAVY)
     wild_run.click(gpu(300)(lab.wild), [photo, upload, upsampler, mode, wild_class, up_respacing, seed, session],

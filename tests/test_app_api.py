@@ -76,13 +76,13 @@ def test_sample_streams_then_explorer(client, tmp_path):
     assert sum(s.startswith("Step ") for s in statuses) == 5 and statuses[-1].startswith("Finished step 10/10")
     previews = {o[0] for o in outputs if isinstance(o[0], str)}
     assert len(previews) >= 5  # distinct preview files
-    files = outputs[-1][8]
+    files = outputs[-1][9]
     paths = [str(f) for f in files]
     png = next(p for p in paths if p.endswith("sample_00_forest.png"))
     assert '"respacing": "10"' in read_png_recipe(png)
     images, labels = load_samples_npz(next(p for p in paths if "samples_2x32" in p and p.endswith(".npz")))
     assert images.shape == (2, 32, 32, 3) and labels.tolist() == [4, 4]
-    assert outputs[-1][9].startswith("python -m explore sample")
+    assert outputs[-1][10].startswith("python -m explore sample")
 
     for name in ("/trajectory_after_run", "/trajectory_load"):
         slider, choice, summary, _ = call(client, name, 0.1)
@@ -109,7 +109,7 @@ def test_stop_sample_ends_the_run_early(client):
 
 
 def test_compare_and_stop(client):
-    grid, table, _, status, files = call(client, "/compare", BASE, "night_sky", "ddim", "4", CLF, "0, 2", "1, 3",
+    grid, table, _, status, _, files = call(client, "/compare", BASE, "night_sky", "ddim", "4", CLF, "0, 2", "1, 3",
                                          "standard", 1, 2, EVAL)
     assert status.startswith("Finished 4 cells") and len(table["data"]) == 4 and len(files) == 3
     job = client.submit(BASE, "lake", "ddim", "100", CLF, "0, 1, 2", "1, 2", "standard", 0, 1, EVAL,
@@ -127,7 +127,7 @@ def test_upsampling_endpoints(client):
     assert status == "Upsampled as **forest**." and len(table["data"]) == 3 and all([original, low, cubic, high])
     gallery, status = call(client, "/upsample_wild_classes", "coffee", None, UP, "whole photo, resized", "2", 0, 2)
     assert len(gallery) == 2 and status.startswith("2 classes")
-    low, high, status, _, files = call(client, "/upsample_generated", BASE, "desert", 0, 1, "3", UP, "2", None, 1)
+    low, high, status, _, _, files = call(client, "/upsample_generated", BASE, "desert", 0, 1, "3", UP, "2", None, 1)
     assert "Upsampled 1 samples" in status and len(files) == 3
     job = client.submit(BASE, "desert", 0, 1, "3", UP, "200", None, 1, api_name="/upsample_generated")
     first_output(job)

@@ -46,10 +46,11 @@ def test_sampling_streams_previews_every_n_steps_then_results(app_context):
     frames = [o[0] for o in previews]
     assert all(f.shape[1] >= 256 and f.dtype == np.uint8 for f in frames)  # enlarged for display
     assert len({f.tobytes() for f in frames}) == len(frames)  # distinct frames
-    noise, rms, p_class, guidance = outputs[-1][3:7]
+    assert 'aria-valuenow="10"' in outputs[-1][3]  # the progress bar is full
+    noise, rms, p_class, guidance = outputs[-1][4:8]
     assert len(noise) == 10 and len(rms) == 20 and len(p_class) == 20  # classifier present at scale 0
     assert ((p_class["value"] >= 0) & (p_class["value"] <= 1)).all() and guidance.empty
-    status, gallery, files, command = outputs[-1][2], outputs[-1][7], outputs[-1][8], outputs[-1][9]
+    status, gallery, files, command = outputs[-1][2], outputs[-1][8], outputs[-1][9], outputs[-1][10]
     assert status.startswith("Finished step 10/10") and len(gallery) == 2 and len(files) == 8
     assert command.startswith("python -m explore sample") and "--timestep_respacing 10" in command
     assert session.trajectory is not None and len(session.trajectory.steps) == 10
@@ -58,7 +59,7 @@ def test_sampling_streams_previews_every_n_steps_then_results(app_context):
 def test_results_reproduce_from_the_png_recipe(app_context):
     session = Session()
     _, gen = sample(app_context, session, respacing="8", every=8, batch=2, cfg=2.0)
-    files = list(gen)[-1][8]
+    files = list(gen)[-1][9]
     by_suffix = {}
     for f in files:
         by_suffix.setdefault(f.rsplit(".", 1)[-1], []).append(f)
@@ -110,7 +111,8 @@ def test_comparison_uses_one_noise_and_scores_each_cell(app_context):
     session = Session()
     outputs = list(Comparison(app_context).run(BASE, "desert", "ddim", "5", CLF, "0, 3", "1, 2", "standard", 7, 2,
                                                EVAL, session))
-    grid, table, _, status, files, _ = outputs[-1]
+    grid, table, _, status, bar, files, _ = outputs[-1]
+    assert 'aria-valuenow="4"' in bar
     assert status.startswith("Finished 4 cells") and len(files) == 3
     assert len(outputs) == 1 + 4 + 1  # empty grid, one update per cell, final
     assert table[["classifier scale", "CFG scale"]].values.tolist() == [[0, 1], [0, 2], [3, 1], [3, 2]]
@@ -196,7 +198,7 @@ def test_upsampling_lab_wild_photo_and_classes(app_context):
 def test_upsampling_lab_generated_panel(app_context, tmp_path):
     lab, session = Lab(app_context), Session()
     outputs = list(lab.generated(BASE, "alpine", 0, 1, "4", UP, "3", None, 2, session))
-    low, high, status, sharp, files, _ = outputs[-1]
+    low, high, status, bar, sharp, files, _ = outputs[-1]
     assert "Upsampled 1 samples" in status and "alpine" in status and high.shape[0] >= 128
     images, labels = load_samples_npz([f for f in files if "samples_1x128" in f][0])
     assert images.shape == (1, 128, 128, 3) and labels.tolist() == [0]

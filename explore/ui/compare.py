@@ -14,7 +14,7 @@ import torch
 from explore.engine import Recipe, RecipeError, plan
 from explore.noise import PerImageNoise, Recorder
 from explore.outputs import save_png, save_samples_npz, to_uint8
-from explore.ui import images, plots
+from explore.ui import images, plots, progress as progress_bar
 from explore.ui.context import AppContext, class_choices, class_index, optional
 from explore.ui.sampling import check_compatible
 from explore.ui.session import Session, ensure
@@ -155,7 +155,9 @@ class Comparison:
     def _view(self, cells, notes, rows, cols, cell_size, table, points, status, session, files=None):
         grid = images.labelled_grid(cells, rows, cols, notes, cell_size, "rows: classifier scale", "columns: CFG scale")
         frame = pd.DataFrame(table, columns=COLUMNS)
-        return grid, frame, plots.tradeoff_figure(points), status, gr.update() if files is None else files, session
+        bar = progress_bar.bar(len(table), len(rows) * len(cols))
+        return (grid, frame, plots.tradeoff_figure(points), status, bar, gr.update() if files is None else files,
+                session)
 
     def _write(self, base, rows, cols, samples, label, cells, notes, row_names, col_names, cell_size, table):
         out = self.ctx.new_run_dir("compare")

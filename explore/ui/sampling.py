@@ -15,7 +15,7 @@ from explore.engine import Recipe, RecipeError, plan
 from explore.outputs import image_grid, save_png, save_samples_npz, to_uint8
 from explore.samplers import SAMPLER_OPTIONS, Grid, Step
 from explore.schedules import RespacingError
-from explore.ui import images, plots
+from explore.ui import images, plots, progress as progress_bar
 from explore.ui.context import AppContext, class_choices, class_index, optional
 from explore.ui.session import Session, ensure
 from explore.ui.trajectory import TrajectoryRecorder
@@ -47,6 +47,8 @@ def make_recipe(ctx: AppContext, model: str, class_choice, sampler: str, respaci
     info = ctx.info(model)
     classifier = optional(classifier)
     check_compatible(ctx, model, classifier)
+    if info.num_labels is None and classifier is not None:  # an unconditional model guided towards a class
+        info = ctx.info(classifier)
     batch = int(batch_size)
     if not 1 <= batch <= MAX_BATCH:
         raise gr.Error(f"batch size must be 1..{MAX_BATCH}")
@@ -98,9 +100,10 @@ def model_changed(ctx: AppContext, model: str):
     if not model:
         return gr.update(), gr.update(), gr.update()
     info = ctx.info(model)
-    choices = class_choices(info)
-    fitting = [name for name in ctx.names("classifier")
-               if ctx.info(name).image_size == info.image_size and ctx.info(name).num_labels == info.num_labels]
+    fitting = [name for name in ctx.names("classifier") if ctx.info(name).image_size == info.image_size
+               and (info.num_labels is None or ctx.info(name).num_labels == info.num_labels)]
+    # an unconditional model can still be steered to a class by a classifier: offer its classes
+    choices = class_choices(ctx.info(fitting[0]) if info.num_labels is None and fitting else info)
     cfg_ok = info.null_class is not None
     return (gr.update(choices=choices, value=choices[0]),
             gr.update(interactive=True) if cfg_ok else gr.update(interactive=False, value=1.0),
@@ -175,7 +178,7 @@ class Sampler:
         started = time.perf_counter()
         last: Step | None = None
         previews = 0
-        yield self._outputs(status=f"Sampling {total} steps…", session=session)
+        yield self._outputs(status=f"Sampling {total} steps…", bar=progress_bar.bar(0, total), session=session)
         for step in run.steps(should_stop=session.should_stop("sample")):
             last = step
             recorder.add(step)
@@ -187,7 +190,7 @@ class Sampler:
                 status = (f"Step {step.index + 1}/{total} · t = {step.timestep:.0f} · {elapsed:.1f} s · "
                           f"{(step.index + 1) / max(elapsed, 1e-9):.1f} steps/s")
                 yield self._outputs(images.batch_view(step.x), images.batch_view(step.pred_x0), status,
-                                    telemetry.frames(), session=session)
+                                    telemetry.frames(), bar=progress_bar.bar(step.index + 1, total), session=session)
         elapsed = time.perf_counter() - started
         if last is None:
             yield self._outputs(status="Stopped before the first step.", session=session)
@@ -202,13 +205,14 @@ class Sampler:
         if stopped:
             status += " The results below are the partly denoised samples at that step."
         yield self._outputs(images.batch_view(last.x), images.batch_view(last.pred_x0), status,
-                            telemetry.frames(), gallery, files, command, session)
+                            telemetry.frames(), gallery, files, command, session,
+                            bar=progress_bar.bar(last.index + 1, total))
 
     @staticmethod
     def _outputs(x_t=None, x0=None, status="", telemetry=None, gallery=None, files=None, command=None,
-                 session=None):
+                 session=None, bar=None):
         keep = gr.update()
-        return (keep if x_t is None else x_t, keep if x0 is None else x0, status,
+        return (keep if x_t is None else x_t, keep if x0 is None else x0, status, keep if bar is None else bar,
                 *(telemetry if telemetry is not None else [keep] * len(TELEMETRY)),
                 keep if gallery is None else gallery, keep if files is None else files,
                 keep if command is None else command, session)

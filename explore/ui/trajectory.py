@@ -14,7 +14,7 @@ from explore.samplers import Step
 from explore.ui import images, metrics, plots
 from explore.ui.session import Session, ensure
 
-BUDGET_BYTES = 384 * 2 ** 20  # recorded tensors per run (float16); longer runs record every k-th step
+BUDGET_BYTES = 128 * 2 ** 20  # recorded tensors per run (float16); longer runs record every k-th step
 MAX_UPLOAD_BYTES = 512 * 2 ** 20
 
 

@@ -13,7 +13,7 @@ from explore.data.wild import WILD_PHOTO_NAMES, as_rgb_uint8, center_crop, downs
 from explore.engine import Recipe, RecipeError, plan
 from explore.noise import PerImageNoise
 from explore.outputs import SampleFileError, from_uint8, load_samples_npz, save_png, save_samples_npz, to_uint8
-from explore.ui import images, metrics, plots
+from explore.ui import images, metrics, plots, progress as progress_bar
 from explore.ui.context import AppContext, class_index, class_names, optional
 from explore.ui.session import Session, ensure
 
@@ -178,13 +178,13 @@ class Lab:
             for last in run.steps(should_stop=session.should_stop("upsample")):
                 progress((last.index + 1, len(run.grid)), desc="base model", unit="steps")
             if session.stop["upsample"] or last is None:
-                yield keep, keep, "Stopped while sampling the base images.", keep, keep, session
+                yield keep, keep, "Stopped while sampling the base images.", keep, keep, keep, session
                 return
             low = to_uint8(last.x)
             given = run.cond.labels.cpu().numpy() if run.cond.labels is not None else None
             source = f"{count} samples from {base_model}"
         low_view = images.enlarge(images.tile(low, pad=2), out)
-        yield low_view, keep, f"Upsampling {source}…", keep, keep, session
+        yield low_view, keep, f"Upsampling {source}…", progress_bar.bar(0, 1), keep, keep, session
         labels = self.labels_for(upsampler, class_choice, low, given)
         seeds = [int(seed) + i for i in range(len(low))]
         started = time.perf_counter()
@@ -193,10 +193,11 @@ class Lab:
                                              "upsampling"):
             if not finished:
                 yield (keep, images.batch_view(step.pred_x0, out), f"Upsampling: step {step.index + 1}/{step.total}",
-                       keep, keep, session)
+                       progress_bar.bar(step.index + 1, step.total), keep, keep, session)
                 continue
             if step.index + 1 < step.total:
-                yield keep, keep, f"Stopped at upsampling step {step.index + 1}/{step.total}.", keep, keep, session
+                yield (keep, keep, f"Stopped at upsampling step {step.index + 1}/{step.total}.",
+                       progress_bar.bar(step.index + 1, step.total), keep, keep, session)
                 return
             high = to_uint8(step.x)
             session.lab["generated"] = {
@@ -206,7 +207,7 @@ class Lab:
             status = (f"Upsampled {source} in {time.perf_counter() - started:.1f} s "
                       f"(classes: {self._names(upsampler, labels)}).")
             yield (low_view, images.enlarge(images.tile(high, pad=2), out), status,
-                   plots.sharpness_figure(session.lab), files, session)
+                   progress_bar.bar(step.total, step.total), plots.sharpness_figure(session.lab), files, session)
 
     def _names(self, upsampler, labels) -> str:
         if labels is None:
