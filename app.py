@@ -96,8 +96,8 @@ def sampling_tab(ctx: AppContext, session: gr.State):
     inputs = [model, class_choice, sampler, respacing, karras, classifier, classifier_scale, cfg_scale, method,
               eta, churn, seed, batch, preview_every, session]
     outputs = [x_t, x0, status, bar, *tele, gallery, files, command, session]
-    event = run.click(gpu(300)(sampler_h.run), inputs, outputs, api_name="sample", show_progress="minimal",
-                      show_progress_on=[status], **HEAVY)
+    event = run.click(gpu(300)(sampler_h.run), inputs, outputs, api_name="sample", show_progress="hidden",
+                      **HEAVY)
     stop.click(sampler_h.stop, [session], None, api_name="stop_sample", queue=False)
     check = [model, respacing, sampler, karras]
     respacing.change(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
@@ -174,8 +174,8 @@ def compare_tab(ctx: AppContext, session: gr.State):
     handler = Comparison(ctx)
     run.click(gpu(600)(handler.run), [model, class_choice, sampler, respacing, classifier, classifier_scales,
                                       cfg_scales, method, seed, per_cell, evaluator, session],
-              [grid, table, tradeoff, status, bar, files, session], api_name="compare", show_progress="minimal",
-              show_progress_on=[status], **HEAVY)
+              [grid, table, tradeoff, status, bar, files, session], api_name="compare", show_progress="hidden",
+              **HEAVY)
     stop.click(handler.stop, [session], None, api_name="stop_compare", queue=False)
     model.change(handler.model_options, [model], [class_choice], api_name="compare_model_options",
                  show_progress="hidden",
@@ -294,7 +294,7 @@ def upsample_tab(ctx: AppContext, session: gr.State):
     gen_run.click(gpu(300)(lab.generated), [base, gen_class, seed, count, base_respacing, upsampler, up_respacing,
                                             npz, preview_every, session],
                   [gen_low, gen_high, gen_status, gen_bar, sharp, gen_files, session],
-                  api_name="upsample_generated", show_progress="minimal", show_progress_on=[gen_status], **HEAVY)
+                  api_name="upsample_generated", show_progress="hidden", **HEAVY)
     suggest.click(gpu(60)(lab.suggest), [photo, upload, upsampler, mode], [top, wild_class, low, suggest_msg],
                   api_name="suggest_classes", show_progress="minimal", **HEAVY)
     wild_run.click(gpu(300)(lab.wild), [photo, upload, upsampler, mode, wild_class, up_respacing, seed, session],

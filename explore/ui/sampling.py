@@ -113,32 +113,36 @@ def model_changed(ctx: AppContext, model: str):
 # --- the run --------------------------------------------------------------------------------------
 
 class Telemetry:
-    """Per-step numbers kept as plain floats (cheap in the loop); tables built only for previews."""
+    """Per-step numbers kept as device tensors in the loop (no host sync); turned into tables at previews."""
+
+    SOURCES = {"p_class": ("log_prob", "image"), "classifier": ("guidance_grad_norm", "classifier"),
+               "cfg": ("cfg_delta_norm", "CFG |Δε|")}
 
     def __init__(self, batch: int):
         self.batch = batch
+        self.pending: list[tuple[int, float, dict]] = []
         self.rows: dict[str, list[tuple[int, float, str]]] = {name: [] for name in TELEMETRY}
 
     def add(self, step: Step) -> None:
-        s = step.index + 1
-        noise = step.sigma / (1.0 + step.sigma ** 2) ** 0.5
-        self.rows["noise"].append((s, noise, "sqrt(1 - ᾱ)"))
-        rms = step.x.detach().flatten(1).float().pow(2).mean(1).sqrt().tolist()
-        self.rows["rms"].extend((s, v, f"image {i}") for i, v in enumerate(rms))
-        if "log_prob" in step.stats:
-            prob = step.stats["log_prob"].exp().tolist()
-            self.rows["p_class"].extend((s, v, f"image {i}") for i, v in enumerate(prob))
-        for key, name in (("guidance_grad_norm", "classifier"), ("cfg_delta_norm", "CFG |Δε|")):
+        values = {"rms": step.x.detach().flatten(1).float().pow(2).mean(1).sqrt()}
+        for name, (key, _) in self.SOURCES.items():
             if key in step.stats:
-                values = step.stats[key].tolist()
-                self.rows["guidance"].extend((s, v, f"{name} {i}") for i, v in enumerate(values))
+                values[name] = step.stats[key].detach().float()
+        self.pending.append((step.index + 1, step.sigma, values))
+
+    def _flush(self) -> None:
+        for s, sigma, values in self.pending:
+            self.rows["noise"].append((s, sigma / (1.0 + sigma ** 2) ** 0.5, "sqrt(1 - ᾱ)"))
+            for name, tensor in values.items():
+                numbers = (tensor.exp() if name == "p_class" else tensor).tolist()
+                table = "guidance" if name in ("classifier", "cfg") else name
+                label = self.SOURCES[name][1] if name in self.SOURCES else "image"
+                self.rows[table].extend((s, v, f"{label} {i}") for i, v in enumerate(numbers))
+        self.pending.clear()
 
     def frames(self) -> list[pd.DataFrame]:
+        self._flush()
         return [pd.DataFrame(self.rows[name], columns=["step", "value", "series"]) for name in TELEMETRY]
-
-
-def empty_telemetry() -> list[pd.DataFrame]:
-    return [pd.DataFrame({"step": [], "value": [], "series": []}) for _ in TELEMETRY]
 
 
 class Sampler:

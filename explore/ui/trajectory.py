@@ -34,9 +34,10 @@ class TrajectoryRecorder:
         self.steps.append(step.index)
         self.timesteps.append(step.timestep)
         self.sigmas.append(step.sigma)
+        # kept on the run's device until the end: a per-step copy to the host would stall a GPU
         for store, value in ((self.x, step.x), (self.pred_x0, step.pred_x0), (self.eps, step.eps)):
-            store.append(value.detach().to("cpu", torch.float16))
-        self.guidance.append(None if step.guidance is None else step.guidance.detach().to("cpu", torch.float16))
+            store.append(value.detach().to(torch.float16))
+        self.guidance.append(None if step.guidance is None else step.guidance.detach().to(torch.float16))
 
     def finish(self, recipe_json: str, labels: np.ndarray | None, class_names: list[str] | None,
                stopped: bool) -> "Trajectory | None":
@@ -45,12 +46,12 @@ class TrajectoryRecorder:
         guidance = None
         if any(g is not None for g in self.guidance):
             guidance = torch.stack([torch.zeros_like(self.x[i]) if g is None else g
-                                    for i, g in enumerate(self.guidance)]).numpy()
+                                    for i, g in enumerate(self.guidance)]).cpu().numpy()
         return Trajectory(
             recipe_json=recipe_json, total=self.total, steps=np.asarray(self.steps, dtype=np.int64),
             timesteps=np.asarray(self.timesteps, dtype=np.float64), sigmas=np.asarray(self.sigmas, dtype=np.float64),
-            x=torch.stack(self.x).numpy(), pred_x0=torch.stack(self.pred_x0).numpy(),
-            eps=torch.stack(self.eps).numpy(), guidance=guidance,
+            x=torch.stack(self.x).cpu().numpy(), pred_x0=torch.stack(self.pred_x0).cpu().numpy(),
+            eps=torch.stack(self.eps).cpu().numpy(), guidance=guidance,
             labels=None if labels is None else np.asarray(labels, dtype=np.int64),
             class_names=list(class_names) if class_names else None, stopped=stopped)
 
