@@ -90,7 +90,7 @@ def sampling_tab(ctx: AppContext, session: gr.State):
                               interactive=False, lines=2, max_lines=6, wrap_lines=True)
     gr.Examples(_sampling_examples(ctx, model0, classifiers),
                 inputs=[model, class_choice, sampler, respacing, classifier, classifier_scale, cfg_scale, method],
-                label="Examples")
+                label="Examples", cache_examples=False)
 
     sampler_h = Sampler(ctx)
     inputs = [model, class_choice, sampler, respacing, karras, classifier, classifier_scale, cfg_scale, method,

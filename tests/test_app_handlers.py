@@ -78,6 +78,42 @@ def test_results_reproduce_from_the_png_recipe(app_context):
     assert traj.x.shape == (8, 2, 3, 32, 32) and traj.total == 8
 
 
+def test_reproduce_box_runs_the_same_samples_from_the_cli(app_context, tmp_path):
+    import shlex
+
+    from explore.__main__ import main
+    session = Session()
+    _, gen = sample(app_context, session, respacing="6", every=6, batch=2, class_choice="random (per image)",
+                    classifier_scale=1.0, cfg=1.5)
+    outputs = list(gen)
+    app_npz = next(f for f in outputs[-1][9] if "samples_2x32" in f and f.endswith(".npz"))
+    argv = shlex.split(outputs[-1][10])
+    assert argv[:4] == ["python", "-m", "explore", "sample"]
+    argv[argv.index("--out_dir") + 1] = str(tmp_path)
+    assert main(argv[3:]) == 0
+    cli_images, cli_labels = load_samples_npz(next(tmp_path.glob("samples_2x32x32x3.npz")))
+    app_images, app_labels = load_samples_npz(app_npz)
+    assert np.array_equal(cli_images, app_images) and np.array_equal(cli_labels, app_labels)
+
+
+def test_gpu_decorator_uses_spaces_only_when_present(monkeypatch):
+    from explore.ui import gpu as gpu_module
+
+    def handler():
+        return "ran"
+    monkeypatch.setattr(gpu_module, "spaces", None)
+    assert gpu_module.gpu(30)(handler) is handler
+    requested = []
+
+    class FakeSpaces:
+        @staticmethod
+        def GPU(duration):
+            requested.append(duration)
+            return lambda fn: fn
+    monkeypatch.setattr(gpu_module, "spaces", FakeSpaces)
+    assert gpu_module.gpu(30)(handler)() == "ran" and requested == [30]
+
+
 def test_stop_halts_the_computation_within_a_step(app_context):
     """The flag is raised while step 3 runs (from 'another thread'); no preview is due, yet no step 4 runs."""
     session = Session()
