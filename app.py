@@ -247,6 +247,9 @@ def upsample_tab(ctx: AppContext, session: gr.State):
                 count = gr.Slider(1, 8, 2, step=1, label="Images", elem_id="gen-count")
                 base_respacing = gr.Textbox("25", label="Base respacing (DDIM)", elem_id="gen-respacing")
             npz = gr.File(label="…or upload low-res samples (.npz)", file_types=[".npz"], height=90)
+            if small0 == 32:
+                gr.Examples([[os.path.join(HERE, "assets", "examples", "rendered_scenes_4x32x32x3.npz")]], [npz],
+                            label="Example: four rendered 32 px scenes (true low-res images, not samples)")
             preview_every = gr.Slider(1, 50, 5, step=1, label="Preview every N steps")
             gen_run = gr.Button("Generate and upsample", variant="primary", elem_id="gen-run")
             gen_status = gr.Markdown(elem_id="gen-status")

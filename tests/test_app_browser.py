@@ -90,9 +90,17 @@ def test_run_streams_frames_and_finishes(page):
     fill(page, "sample-every", "5")
     page.click("#sample-run")
     started = time.time()
-    frames = watch_src(page, "#preview-xt img", lambda: "Finished" in text(page, "#sample-status"))
+    bar_values = set()
+
+    def done() -> bool:
+        bar_values.add(page.get_attribute("#sample-progress [role=progressbar]", "aria-valuenow"))
+        return "Finished" in text(page, "#sample-status")
+    frames = watch_src(page, "#preview-xt img", done)
     finished = time.time() - started
-    assert len({src for _, src in frames}) >= 5, frames
+    # identical previews share one cached file, and a random-weight stand-in model saturates after a few
+    # steps, so count distinct frames modestly and check the bar advanced through several previews
+    assert len({src for _, src in frames}) >= 3, frames
+    assert len(bar_values - {None, "0"}) >= 4, bar_values
     status = text(page, "#sample-status")
     assert "Finished step 50/50" in status
     record_timing("50 DDIM steps, batch 1: click to last frame (s)", frames[-1][0])

@@ -92,7 +92,7 @@ def sampler_changed(sampler: str):
     eta_default = 1.0 if sampler == "euler_a" else 0.0
     return (gr.update(visible="eta" in options, value=eta_default),
             gr.update(visible="churn" in options),
-            gr.update(interactive=sampler in KARRAS_SAMPLERS, value=False if sampler not in KARRAS_SAMPLERS else None))
+            gr.update(interactive=True) if sampler in KARRAS_SAMPLERS else gr.update(interactive=False, value=False))
 
 
 def model_changed(ctx: AppContext, model: str):
