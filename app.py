@@ -12,12 +12,12 @@ import torch  # noqa: E402
 from explore.data.wild import WILD_PHOTO_NAMES  # noqa: E402
 from explore.samplers import SAMPLERS  # noqa: E402
 from explore.ui import plots, progress, trajectory  # noqa: E402
-from explore.ui.compare import Comparison  # noqa: E402
+from explore.ui.compare import COLUMNS, Comparison  # noqa: E402
 from explore.ui.context import AppContext, class_choices  # noqa: E402
 from explore.ui.gpu import gpu  # noqa: E402
 from explore.ui.sampling import Sampler, sampler_changed  # noqa: E402
 from explore.ui.session import new_session  # noqa: E402
-from explore.ui.upsample_lab import NATIVE, WHOLE, Lab, lab_class_choices  # noqa: E402
+from explore.ui.upsample_lab import METRIC_COLUMNS, NATIVE, WHOLE, Lab, lab_class_choices  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSS_PATH = os.path.join(HERE, "assets", "style.css")
@@ -167,8 +167,8 @@ def compare_tab(ctx: AppContext, session: gr.State):
             bar = gr.HTML(progress.bar(0, 1), elem_id="compare-progress", padding=False)
             grid = gr.Image(label="Sweep", format="png", interactive=False, elem_id="compare-grid",
                             show_label=False, elem_classes=["pixelated"])
-            table = gr.Dataframe(label="Per-cell numbers (evaluation classifier)", elem_id="compare-table",
-                                 interactive=False)
+            table = gr.Dataframe(headers=COLUMNS, label="Per-cell numbers (evaluation classifier)",
+                                 elem_id="compare-table", interactive=False)
             tradeoff = gr.Plot(label="Trade-off", format="png", elem_id="compare-tradeoff", show_label=False)
             files = gr.File(label="Downloads", file_count="multiple")
     handler = Comparison(ctx)
@@ -241,8 +241,7 @@ def upsample_tab(ctx: AppContext, session: gr.State):
                 gr.Markdown(f"No base model makes {small0} px images; upload an `.npz` of low-res samples.")
             with gr.Row():
                 base = gr.Dropdown(["none", *bases], value=bases[0] if bases else "none", label="Base model")
-                gen_class = gr.Dropdown(choices, value=choices[1] if len(choices) > 1 else choices[0],
-                                        label="Class")
+                gen_class = gr.Dropdown(choices, value=choices[0], label="Class")
             with gr.Row():
                 count = gr.Slider(1, 8, 2, step=1, label="Images", elem_id="gen-count")
                 base_respacing = gr.Textbox("25", label="Base respacing (DDIM)", elem_id="gen-respacing")
@@ -284,7 +283,8 @@ def upsample_tab(ctx: AppContext, session: gr.State):
                                  elem_id="wild-bicubic", min_width=120)
                 high = gr.Image(label="upsampled", format="png", interactive=False, elem_classes=["pixelated"],
                                 elem_id="wild-high", min_width=120)
-            numbers = gr.Dataframe(label="Against the original", interactive=False, elem_id="wild-metrics")
+            numbers = gr.Dataframe(headers=METRIC_COLUMNS, label="Against the original", interactive=False,
+                                   elem_id="wild-metrics")
             with gr.Row():
                 n_classes = gr.Slider(2, 8, 4, step=1, label="Classes", elem_id="wild-n-classes")
                 classes_run = gr.Button("Upsample under several classes", elem_id="wild-classes-run")

@@ -20,7 +20,7 @@ from explore.ui.session import Session, ensure
 WHOLE = "whole photo, resized"
 NATIVE = "native pixels"
 NULL_CLASS = "none (null class)"
-SUGGEST = "suggested by the classifier"
+SUGGEST = "auto: the images' labels, else the classifier's top class"
 MAX_BATCH = 16
 MAX_PHOTO_PIXELS = 40_000_000
 METRIC_COLUMNS = ["image", "PSNR (dB)", "SSIM", "high-freq energy", "sharpness"]
@@ -68,7 +68,7 @@ class Lab:
     def upsampler_options(self, upsampler: str):
         """Class choices of an upsampler for the photo (suggested first) and for generated images."""
         names = lab_class_choices(self.ctx, upsampler)
-        return gr.update(choices=names, value=names[0]), gr.update(choices=names, value=names[-1])
+        return gr.update(choices=names, value=names[0]), gr.update(choices=names, value=names[0])
 
     def classify(self, low: np.ndarray, upsampler: str) -> np.ndarray | None:
         """Class probabilities [N, classes] of low-res uint8 NHWC images: the evaluator, else the noisy
@@ -183,7 +183,8 @@ class Lab:
             low = to_uint8(last.x)
             given = run.cond.labels.cpu().numpy() if run.cond.labels is not None else None
             source = f"{count} samples from {base_model}"
-        low_view = images.enlarge(images.tile(low, pad=2), out)
+        factor = out // low.shape[1]  # nearest-neighbour, so the grid lines up with the upsampled one
+        low_view = images.enlarge(images.tile(low.repeat(factor, 1).repeat(factor, 2), pad=2), out)
         yield low_view, keep, f"Upsampling {source}…", progress_bar.bar(0, 1), keep, keep, session
         labels = self.labels_for(upsampler, class_choice, low, given)
         seeds = [int(seed) + i for i in range(len(low))]
@@ -192,7 +193,8 @@ class Lab:
         for step, finished in self._upsample(upsampler, low, labels, up_respacing, seeds, session, progress, every,
                                              "upsampling"):
             if not finished:
-                yield (keep, images.batch_view(step.pred_x0, out), f"Upsampling: step {step.index + 1}/{step.total}",
+                preview = images.enlarge(images.tile(to_uint8(step.pred_x0), pad=2), out)
+                yield (keep, preview, f"Upsampling: step {step.index + 1}/{step.total}",
                        progress_bar.bar(step.index + 1, step.total), keep, keep, session)
                 continue
             if step.index + 1 < step.total:
