@@ -282,7 +282,7 @@ def bars(sweep: dict | None, upsampler: dict | None, missing: dict) -> list[dict
         name = (f"trade-off ({label}): accuracy and precision rise, diversity and recall fall as the scale grows")
         rows = (sweep or {}).get(family, [])
         if len(rows) < 2:
-            reason = _why(sweep, missing) or (missing.get(CLASSIFIER) if family == "classifier" else None)
+            reason = _why(sweep, missing) or (_needs(missing, CLASSIFIER) if family == "classifier" else None)
             not_evaluated(name, reason or "fewer than two scales were sampled")
             continue
         t = trade_off(rows)
@@ -292,7 +292,7 @@ def bars(sweep: dict | None, upsampler: dict | None, missing: dict) -> list[dict
 
     name = f"upsampler beats bicubic by >= {PSNR_BAR_DB:g} dB PSNR"
     if upsampler is None:
-        not_evaluated(name, missing.get(UPSAMPLER, "the upsampler was not evaluated"))
+        not_evaluated(name, _needs(missing, UPSAMPLER) or "the upsampler was not evaluated")
     else:
         gain = upsampler["psnr_gain_db"]
         out.append({"name": name, "measured": f"{gain:+.2f} dB ({upsampler['upsampler']['psnr']:.2f} vs "
@@ -300,10 +300,15 @@ def bars(sweep: dict | None, upsampler: dict | None, missing: dict) -> list[dict
     return out
 
 
+def _needs(missing: dict, *names: str) -> str | None:
+    absent = [n for n in names if n in missing]
+    return f"needs {' and '.join(absent)}, see above" if absent else None
+
+
 def _why(sweep, missing) -> str | None:
     if sweep is not None:
         return None
-    return "; ".join(missing[m] for m in (BASE, EVALUATOR) if m in missing) or "the guidance sweep did not run"
+    return _needs(missing, BASE, EVALUATOR) or "the guidance sweep did not run"
 
 
 # --- the card ---------------------------------------------------------------------------------------
@@ -463,22 +468,23 @@ def evaluate(checkpoints: Path, out: Path, settings: EvalSettings, command: str,
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     registry = ModelRegistry(checkpoints, device=device)
     models, missing = model_facts(registry)
+    for name, facts in models.items():  # the references are renders of the procedural scenes
+        if name != CLASSIFIER and (facts["training"] or {}).get("data", "scenes") != "scenes":
+            missing[name] = (f"{name} was trained on {facts['training']['data']}, not the procedural scenes, "
+                             "so renders of held-out scenes are no reference for it")
     for why in missing.values():
         print("skipping:", why, file=sys.stderr)
     timing = {}
 
     sweep = None
-    if BASE in models and EVALUATOR in models:
-        if (models[BASE]["training"] or {}).get("data", "scenes") != "scenes":
-            missing["sweep"] = f"{BASE} was not trained on the procedural scenes, so real renders are no reference"
-        else:
-            tick = time.time()
-            sweep = guidance_sweep(registry, settings, with_classifier=CLASSIFIER in models)
-            timing["guidance sweep"] = time.time() - tick
-    up = None
-    if UPSAMPLER in models:
+    if BASE not in missing and EVALUATOR not in missing:
         tick = time.time()
-        up = evaluate_upsampler(registry, settings, with_evaluator=EVALUATOR in models)
+        sweep = guidance_sweep(registry, settings, with_classifier=CLASSIFIER not in missing)
+        timing["guidance sweep"] = time.time() - tick
+    up = None
+    if UPSAMPLER not in missing:
+        tick = time.time()
+        up = evaluate_upsampler(registry, settings, with_evaluator=EVALUATOR not in missing)
         timing["upsampler"] = time.time() - tick
 
     out.mkdir(parents=True, exist_ok=True)

@@ -139,3 +139,18 @@ def test_held_out_renders_are_balanced_and_fixed_by_their_seed():
     assert real.shape == (16, 32, 32, 3) and real.dtype == np.uint8
     assert np.array_equal(real, evaluate.real_renders(10_000, labels))
     assert not np.array_equal(real, evaluate.real_renders(10_001, labels))
+
+
+def test_models_not_trained_on_the_scenes_are_not_graded_against_them(checkpoints, tmp_path):
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    for name in (evaluate.BASE, evaluate.EVALUATOR):
+        shutil.copy(checkpoints / f"{name}.safetensors", root)
+        desc = json.loads((checkpoints / f"{name}.json").read_text())
+        if name == evaluate.BASE:
+            desc["training"]["data"] = "photos/"
+        (root / f"{name}.json").write_text(json.dumps(desc))
+    report = evaluate.evaluate(root, root, evaluate.EvalSettings(samples=8), "test", "cpu")
+    assert "trained on photos/" in report["missing"][evaluate.BASE]
+    assert report["models"][evaluate.BASE]["training"]["data"] == "photos/"
+    assert report["guidance_sweep"] is None
