@@ -34,7 +34,8 @@ from explore.outputs import from_uint8, image_grid, to_uint8
 from explore.registry import ModelRegistry
 from explore.schedules import space_timesteps
 
-BASE, CLASSIFIER, EVALUATOR, UPSAMPLER = "scenes32_base", "scenes32_classifier", "scenes32_evaluator", "scenes128_upsampler"
+BASE, CLASSIFIER = "scenes32_base", "scenes32_classifier"
+EVALUATOR, UPSAMPLER = "scenes32_evaluator", "scenes128_upsampler"
 MODELS = (BASE, CLASSIFIER, EVALUATOR, UPSAMPLER)
 TRAIN_KIND = {BASE: "base", CLASSIFIER: "classifier", EVALUATOR: "evaluator", UPSAMPLER: "upsampler"}
 
@@ -119,7 +120,8 @@ def grade(features: np.ndarray, logits: np.ndarray, images: np.ndarray, labels: 
     precision, recall = metrics.precision_recall(real_features, features, k)
     return {
         "accuracy": float(correct.mean()),
-        "per_class_accuracy": [float(correct[labels == c].mean()) for c in range(logits.shape[1])],
+        "per_class_accuracy": [float(correct[labels == c].mean()) if np.any(labels == c) else float("nan")
+                               for c in range(logits.shape[1])],
         "frechet_distance": metrics.frechet_distance_features(real_features, features),
         "precision": precision,
         "recall": recall,
@@ -200,7 +202,8 @@ def guidance_sweep(registry: ModelRegistry, settings: EvalSettings, with_classif
                              "classifier_scale": classifier_scale, "seed": settings.seed,
                              "samples": settings.samples, **graded[cfg_scale, classifier_scale]})
     return {"real": real_row, "cfg": rows["cfg"], "classifier": rows["classifier"], "steps": steps,
-            "grids": grids, "real_grid": held_out[:num_classes], "class_names": registry.get(BASE).class_names}
+            "grids": grids, "real_grid": held_out[:num_classes],
+            "class_names": registry.get(BASE).class_names or list(scenes.CLASS_NAMES[:num_classes])}
 
 
 def evaluate_upsampler(registry: ModelRegistry, settings: EvalSettings, with_evaluator: bool) -> dict:
@@ -314,8 +317,8 @@ def _why(sweep, missing) -> str | None:
 # --- the card ---------------------------------------------------------------------------------------
 
 GUIDANCE_LABELS = {"real": "real renders", "cfg": "CFG", "classifier": "classifier"}
-FORMATS = {"accuracy": "{:.1%}", "frechet_distance": "{:.2f}", "precision": "{:.3f}", "recall": "{:.3f}",
-           "diversity": "{:.3f}", "pixel_std": "{:.4f}"}
+FORMATS = {"accuracy": "{:.1%}", "per_class": "{:.0%}", "frechet_distance": "{:.2f}", "precision": "{:.3f}",
+           "recall": "{:.3f}", "diversity": "{:.3f}", "pixel_std": "{:.4f}"}
 
 
 def _fmt(metric: str, value) -> str:
@@ -402,7 +405,7 @@ def render_card(report: dict) -> str:
         for row in [sweep["real"]] + sweep["cfg"] + sweep["classifier"]:
             scale = "-" if row["scale"] is None else f"{row['scale']:g}"
             lines.append(f"| {GUIDANCE_LABELS[row['guidance']]} | {scale} | "
-                         + " | ".join(f"{a:.0%}" for a in row["per_class_accuracy"]) + " |")
+                         + " | ".join(_fmt("per_class", a) for a in row["per_class_accuracy"]) + " |")
         if report.get("samples_png"):
             lines += ["", f"![first sample of every class per setting]({report['samples_png']})", "",
                       "Rows: the settings above (real renders first), columns: classes."]
@@ -418,7 +421,8 @@ def render_card(report: dict) -> str:
                   "", "| method | PSNR (dB) | SSIM |", "|---|---:|---:|"]
         for name in ("upsampler", "bicubic"):
             r = up[name]
-            lines.append(f"| {name} | {r['psnr']:.2f} +- {r['psnr_std']:.2f} | {r['ssim']:.3f} +- {r['ssim_std']:.3f} |")
+            lines.append(f"| {name} | {r['psnr']:.2f} +- {r['psnr_std']:.2f} | "
+                         f"{r['ssim']:.3f} +- {r['ssim_std']:.3f} |")
         if "evaluator_accuracy" in up:
             acc = up["evaluator_accuracy"]
             lines += ["", "Evaluation-classifier accuracy on the 128 px images (area-downscaled to 32 px): "
