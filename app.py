@@ -359,7 +359,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if os.environ.get("EXPLORE_THREADS"):
         torch.set_num_threads(int(os.environ["EXPLORE_THREADS"]))
-    ctx = AppContext.create(args.checkpoints, args.outputs, args.device)
+    checkpoints = args.checkpoints or os.environ.get("EXPLORE_CHECKPOINTS") or os.path.join(HERE, "checkpoints")
+    ctx = AppContext.create(checkpoints, args.outputs, args.device)
     demo = build(ctx)
     with open(CSS_PATH) as f:
         css = f.read()
