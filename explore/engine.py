@@ -14,14 +14,17 @@ from explore.denoisers import ADMDenoiser, Cond, Denoiser, Prediction
 from explore.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from explore.noise import NoiseSource, PerImageNoise
 from explore.samplers import SAMPLER_OPTIONS, SAMPLERS, Grid, Step
-from explore.schedules import RespacingError, space_timesteps
+from explore import validate as check
+from explore.schedules import RespacingError
+from explore.validate import LIMITS, MAX_CLASSES, MAX_SEED, Caps, InputError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MAX_SEED = 2 ** 63 - 1
 EVAL_BATCH = 2  # images per network evaluation in batch-invariant runs
+# accepted ranges of the recipe's numbers
+RANGES = {"cfg_scale": (0.0, 100.0), "classifier_scale": (0.0, 1000.0), "eta": (0.0, 1.0), "churn": (0.0, 1000.0)}
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe value that cannot be used; the message names the field and what is accepted."""
 
 
@@ -65,43 +68,40 @@ class Recipe:
             raise RecipeError("model: the recipe names no model")
         return cls(**data)
 
-    def validate(self) -> None:
-        """Check values that do not need the model; raise RecipeError naming the field."""
+    def validate(self, caps: Caps | None = None) -> None:
+        """Check values that do not need the model against `caps` (default: LIMITS); raise RecipeError naming
+        the field and the accepted range."""
+        try:
+            self._validate(caps or LIMITS)
+        except RecipeError:
+            raise
+        except InputError as err:
+            raise RecipeError(str(err)) from None
+
+    def _validate(self, caps: Caps) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise RecipeError(f"model: {self.model!r} must be a model name or a checkpoint path")
-        if self.class_label is not None and (not _is_int(self.class_label) or self.class_label < 0):
-            raise RecipeError(f"class_label: {self.class_label!r} must be a whole number >= 0 (or None)")
-        if self.sampler not in SAMPLERS:
-            raise RecipeError(f"sampler: {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
-        if not isinstance(self.respacing, str):
-            raise RecipeError(f"respacing: {self.respacing!r} must be text such as '250', 'ddim25' or '10,15,20'")
-        try:
-            space_timesteps(1000, self.respacing)
-        except RespacingError as err:
-            raise RecipeError(f"respacing: {err}") from None
-        for name, low, high in [("cfg_scale", 0.0, 100.0), ("classifier_scale", 0.0, 1000.0),
-                                ("eta", 0.0, 1.0), ("churn", 0.0, 1000.0)]:
-            value = getattr(self, name)
-            if value is None and name == "eta":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not low <= value <= high:
-                raise RecipeError(f"{name}: {value!r} is outside the accepted range [{low:g}, {high:g}]")
-        if self.guidance_method not in ("standard", "conflict"):
-            raise RecipeError(f"guidance_method: {self.guidance_method!r} is not 'standard' or 'conflict'")
-        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED - 10_000:
-            raise RecipeError(f"seed: {self.seed!r} must be a whole number in [0, {MAX_SEED - 10_000}]")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise RecipeError(f"batch_size: {self.batch_size!r} must be a whole number >= 1")
+        if self.class_label is not None:
+            check.whole("class_label", self.class_label, 0, MAX_CLASSES)
+            if not _is_int(self.class_label):
+                raise RecipeError(f"class_label: {self.class_label!r} must be a whole number >= 0 (or None)")
+        check.choice("sampler", self.sampler, list(SAMPLERS))
+        check.respacing(self.respacing, 1000, caps.steps)
+        for name, (low, high) in RANGES.items():
+            if getattr(self, name) is not None or name != "eta":
+                check.number(name, getattr(self, name), low, high)
+        check.choice("guidance_method", self.guidance_method, ["standard", "conflict"])
+        for name, low, high in (("seed", 0, MAX_SEED), ("batch_size", 1, caps.batch)):
+            if not _is_int(getattr(self, name)):  # a recipe holds exact ints; the edges convert
+                raise RecipeError(f"{name}: {getattr(self, name)!r} must be a whole number in [{low}, {high}]")
+            check.whole(name, getattr(self, name), low, high)
         for name in ("karras", "clip_denoised"):
-            if not isinstance(getattr(self, name), bool):
-                raise RecipeError(f"{name}: {getattr(self, name)!r} must be True or False")
+            check.flag(name, getattr(self, name))
         for name in ("uncond_model", "classifier"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise RecipeError(f"{name}: {value!r} must be a model name, a checkpoint path or None")
-        if self.precision not in PRECISIONS:
-            raise RecipeError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        check.choice("precision", self.precision, list(PRECISIONS))
         if self.karras and self.sampler in ("ddpm", "ddim"):
             raise RecipeError(f"karras: Karras sigmas apply to euler, euler_a, heun and dpmpp_2m, not {self.sampler}")
 
@@ -246,8 +246,9 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
     conditions a super-resolution model; `noise` replaces the seeded noise (e.g. a RecordedNoise).
     `batch_invariant` evaluates the networks in fixed chunks of EVAL_BATCH images, so image i of a run is
     bit-identical whatever the batch size; None = on CPU (whose kernels are deterministic), not on GPUs.
+    The recipe is checked against the registry's caps (a shared server's are smaller than the command line's).
     """
-    recipe.validate()
+    recipe.validate(getattr(registry, "caps", None))
     main = registry.get(recipe.model)
     if main.kind not in ("diffusion", "superres"):
         raise RecipeError(f"model: {recipe.model!r} is a {main.kind}, not a diffusion model")

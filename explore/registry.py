@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from explore.validate import LIMITS, Caps
 from explore.zoo import LoadedModel, load_model
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -64,9 +65,10 @@ class ModelRegistry:
     """Name -> loaded model. Names are checkpoint file stems under `root`, or paths."""
 
     def __init__(self, root: str | Path = "checkpoints", device: torch.device | str | None = None,
-                 flags: dict[str, dict] | None = None, dtype: torch.dtype | None = None):
+                 flags: dict[str, dict] | None = None, dtype: torch.dtype | None = None, caps: Caps | None = None):
         self.root = Path(root)
         self.device = torch.device(device) if device is not None else default_device()
+        self.caps = caps or LIMITS  # most work one run may ask for (plan() checks recipes against it)
         self.flags = flags or {}
         self.dtype = dtype
         self._cache: dict[str, Entry] = {}

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 
 
+MAX_SPEC_CHARS = 4_000
+
+
 class RespacingError(ValueError):
     """A timestep-respacing spec that cannot be honoured."""
 
@@ -35,24 +38,37 @@ def space_timesteps(steps: int, spec: str | list[int]) -> list[int]:
     """Original timesteps kept by a respacing spec ('250', 'ddim25', '10,15,20'), sorted.
 
     Same syntax and rounding as guided-diffusion's respace.py: positions are
-    accumulated in floating point and rounded half-to-even.
+    accumulated in floating point and rounded half-to-even. An empty spec keeps every step.
+    Anything that cannot be honoured raises RespacingError (and nothing else).
     """
     if isinstance(spec, str):
         spec = spec.strip()
+        if len(spec) > MAX_SPEC_CHARS:
+            raise RespacingError(f"respacing spec of {len(spec)} characters is too long (at most {MAX_SPEC_CHARS})")
         if spec == "":
             return list(range(steps))
         if spec.startswith("ddim"):
-            count = _parse_int(spec[4:], spec)
+            count = _parse_int(spec[4:], spec, steps)
             for stride in range(1, steps):
                 if len(range(0, steps, stride)) == count:
                     return list(range(0, steps, stride))
+            possible = sorted({len(range(0, steps, stride)) for stride in range(1, steps)})
+            below = [n for n in possible if n < count][-1:]
+            above = [n for n in possible if n > count][:1]
+            near = " or ".join(f"ddim{n}" for n in below + above)
             raise RespacingError(f"cannot create exactly {count} steps with an integer stride "
-                                 f"(respacing {spec!r} on {steps} steps)")
-        counts = [_parse_int(part, spec) for part in spec.split(",")]
-    else:
+                                 f"(respacing {spec!r} on {steps} steps); the nearest that work: {near}")
+        counts = [_parse_int(part, spec, steps) for part in spec.split(",")]
+    elif isinstance(spec, (list, tuple)) and all(isinstance(c, (int, np.integer)) and not isinstance(c, bool)
+                                                 for c in spec):
         counts = [int(c) for c in spec]
+    else:
+        raise RespacingError(f"respacing {spec!r} must be text such as '250', 'ddim25' or '10,15,20', "
+                             "or a list of whole numbers")
     if not counts:
         raise RespacingError("respacing spec is empty")
+    if len(counts) > steps:
+        raise RespacingError(f"respacing has {len(counts)} sections; at most {steps} (one per step)")
     size_per, extra = divmod(steps, len(counts))
     kept: set[int] = set()
     start = 0
@@ -61,7 +77,8 @@ def space_timesteps(steps: int, spec: str | list[int]) -> list[int]:
         if count < 1:
             raise RespacingError(f"section {i + 1} of respacing asks for {count} steps; need at least 1")
         if size < count:
-            raise RespacingError(f"cannot divide section of {size} steps into {count}")
+            raise RespacingError(f"cannot divide section of {size} steps into {count} "
+                                 f"(accepted: 1..{size} steps in that section)")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         position = 0.0
         for _ in range(count):
@@ -71,9 +88,12 @@ def space_timesteps(steps: int, spec: str | list[int]) -> list[int]:
     return sorted(kept)
 
 
-def _parse_int(text: str, spec: str) -> int:
+def _parse_int(text: str, spec: str, steps: int) -> int:
     text = text.strip()
-    if not re.fullmatch(r"\d{1,7}", text):
+    if re.fullmatch(r"[0-9]+", text) and len(text) > 7:
+        raise RespacingError(f"respacing {spec!r}: {text} steps is far more than the {steps} the model has "
+                             f"(accepted: 1..{steps})")
+    if not re.fullmatch(r"[0-9]{1,7}", text):
         raise RespacingError(f"respacing {spec!r}: {text!r} is not a whole number of steps "
                              "(use e.g. '250', 'ddim25' or '10,15,20')")
     return int(text)

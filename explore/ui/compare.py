@@ -18,6 +18,7 @@ from explore.ui import images, plots, progress as progress_bar
 from explore.ui.context import AppContext, class_choices, class_index, optional
 from explore.ui.sampling import check_compatible
 from explore.ui.session import Session, ensure
+from explore.validate import MAX_SEED, InputError, whole
 
 MAX_VALUES = 6  # per axis
 MAX_PER_CELL = 16
@@ -89,14 +90,16 @@ class Comparison:
             raise gr.Error(f"{evaluator} is not an evaluation classifier.")
         rows = parse_scales(classifier_scales, "classifier scales", 0.0, 1000.0) if classifier else [0.0]
         cols = parse_scales(cfg_scales, "CFG scales", 0.0, 100.0) if info.null_class is not None else [1.0]
-        per_cell = int(per_cell)
-        if not 1 <= per_cell <= MAX_PER_CELL:
-            raise gr.Error(f"images per cell must be 1..{MAX_PER_CELL}")
+        try:
+            per_cell = whole("images per cell", per_cell, 1, min(MAX_PER_CELL, self.ctx.registry.caps.batch))
+            seed = whole("seed", seed, 0, MAX_SEED)
+        except InputError as err:
+            raise gr.Error(str(err)) from None
         base = Recipe(model=model, class_label=label, sampler=sampler, respacing=str(respacing).strip(),
-                      classifier=classifier, guidance_method=guidance_method or "standard", seed=int(seed),
+                      classifier=classifier, guidance_method=guidance_method or "standard", seed=seed,
                       batch_size=per_cell)
         try:
-            base.validate()
+            base.validate(self.ctx.registry.caps)
         except RecipeError as err:
             raise gr.Error(str(err)) from None
 

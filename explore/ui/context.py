@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from explore.registry import ModelInfo, ModelRegistry
+from explore.validate import caps_for
 
 NONE = "none"
 RANDOM_CLASS = "random (per image)"
@@ -37,7 +38,9 @@ class AppContext:
             outputs = Path(base) / "explore-runs"
         out_root = Path(outputs).resolve()
         out_root.mkdir(parents=True, exist_ok=True)
-        return cls(ModelRegistry(checkpoints, device=device), out_root)
+        registry = ModelRegistry(checkpoints, device=device)
+        registry.caps = caps_for(registry.device)  # a server shared by many users: caps that suit its device
+        return cls(registry, out_root)
 
     def names(self, kind: str) -> list[str]:
         return [info.name for info in self.registry.infos(kind)]

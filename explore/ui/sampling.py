@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from explore.engine import Recipe, RecipeError, plan
+from explore.engine import RANGES, Recipe, RecipeError, plan
 from explore.outputs import image_grid, save_png, save_samples_npz, to_uint8
 from explore.samplers import SAMPLER_OPTIONS, Grid, Step
 from explore.schedules import RespacingError
@@ -19,6 +19,7 @@ from explore.ui import images, plots, progress as progress_bar
 from explore.ui.context import AppContext, class_choices, class_index, optional
 from explore.ui.session import Session, ensure
 from explore.ui.trajectory import TrajectoryRecorder
+from explore.validate import MAX_SEED, InputError, flag, number, whole
 
 MAX_BATCH = 64
 MAX_ANIMATION_FRAMES = 60
@@ -49,21 +50,24 @@ def make_recipe(ctx: AppContext, model: str, class_choice, sampler: str, respaci
     check_compatible(ctx, model, classifier)
     if info.num_labels is None and classifier is not None:  # an unconditional model guided towards a class
         info = ctx.info(classifier)
-    batch = int(batch_size)
-    if not 1 <= batch <= MAX_BATCH:
-        raise gr.Error(f"batch size must be 1..{MAX_BATCH}")
     options = SAMPLER_OPTIONS.get(sampler, ())
-    recipe = Recipe(
-        model=model, class_label=class_index(info, class_choice), sampler=sampler, respacing=str(respacing).strip(),
-        karras=bool(karras) and sampler in KARRAS_SAMPLERS,
-        cfg_scale=float(cfg_scale) if info.null_class is not None else 1.0,
-        classifier=classifier, classifier_scale=float(classifier_scale) if classifier else 0.0,
-        guidance_method=guidance_method or "standard",
-        eta=float(eta) if "eta" in options and eta is not None else None,
-        churn=float(churn) if "churn" in options and churn is not None else 0.0,
-        seed=int(seed), batch_size=batch)
     try:
-        recipe.validate()
+        batch = whole("batch_size", batch_size, 1, min(MAX_BATCH, ctx.registry.caps.batch))
+        recipe = Recipe(
+            model=model, class_label=class_index(info, class_choice), sampler=sampler,
+            respacing=respacing.strip() if isinstance(respacing, str) else respacing,
+            karras=karras is not None and flag("karras", karras) and sampler in KARRAS_SAMPLERS,
+            cfg_scale=number("cfg_scale", cfg_scale, *RANGES["cfg_scale"]) if info.null_class is not None else 1.0,
+            classifier=classifier, classifier_scale=number("classifier_scale", classifier_scale,
+                                                           *RANGES["classifier_scale"]) if classifier else 0.0,
+            guidance_method=guidance_method or "standard",
+            eta=number("eta", eta, *RANGES["eta"]) if "eta" in options and eta is not None else None,
+            churn=number("churn", churn, *RANGES["churn"]) if "churn" in options and churn is not None else 0.0,
+            seed=whole("seed", seed, 0, MAX_SEED), batch_size=batch)
+    except InputError as err:
+        raise gr.Error(str(err)) from None
+    try:
+        recipe.validate(ctx.registry.caps)
     except RecipeError as err:
         raise gr.Error(str(err)) from None
     return recipe
@@ -75,14 +79,21 @@ def validate_respacing(ctx: AppContext, model: str, respacing: str, sampler: str
     """Check the respacing text as it is typed; plot the kept timesteps on the model's noise curve."""
     if not model:
         return "Choose a model first.", plots.message_figure("No model.")
+    ctx.info(model)  # an unknown name becomes a gr.Error
     diffusion = ctx.registry.get(model).diffusion
+    if diffusion is None:
+        return f"**Not valid:** {model} is not a diffusion model", gr.update()
     use_karras = bool(karras) and sampler in KARRAS_SAMPLERS
     try:
         grid = Grid.make(diffusion.noise_schedule, str(respacing).strip(), diffusion.steps, use_karras)
     except RespacingError as err:
         return f"**Not valid:** {err}", gr.update()
+    if len(grid) > ctx.registry.caps.steps:
+        return (f"**Not valid:** {len(grid)} steps; at most {ctx.registry.caps.steps} per run here", gr.update())
     kind = "Karras noise levels" if use_karras else "timesteps"
     message = f"Valid: {len(grid)} steps ({kind}; {diffusion.noise_schedule} schedule of {diffusion.steps})"
+    if not str(respacing).strip():
+        message += "; empty means every step"
     return message, plots.respacing_figure(grid, f"{len(grid)} of {diffusion.steps} steps kept")
 
 
@@ -170,7 +181,10 @@ class Sampler:
         session = ensure(session)
         recipe = make_recipe(self.ctx, model, class_choice, sampler, respacing, karras, classifier,
                              classifier_scale, cfg_scale, guidance_method, eta, churn, seed, batch_size)
-        every = max(1, int(preview_every or 1))
+        try:
+            every = whole("preview_every", 1 if preview_every is None else preview_every, 1, 10_000)
+        except InputError as err:
+            raise gr.Error(str(err)) from None
         session.start("sample")
         try:
             run = plan(recipe, self.ctx.registry)
