@@ -265,7 +265,7 @@ def upsample_tab(ctx: AppContext, session: gr.State):
             with gr.Row():
                 photo = gr.Dropdown(list(WILD_PHOTO_NAMES), value="astronaut", label="Bundled photo")
                 mode = gr.Radio([WHOLE, NATIVE], value=WHOLE, label="Crop")
-            upload = gr.Image(label="…or upload a photo", type="numpy", sources=["upload"], height=160)
+            upload = gr.Image(label="…or upload a photo", type="filepath", sources=["upload"], height=160)
             with gr.Row():
                 suggest = gr.Button("Suggest classes", elem_id="wild-suggest")
                 wild_class = gr.Dropdown(choices, value=choices[0], label="Class for the upsampler")

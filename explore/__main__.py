@@ -272,17 +272,17 @@ def read_base_samples(source: str) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 NHWC images (and labels or None) from an .npz sample file or a folder of images."""
     path = Path(source)
     if path.is_dir():
-        from PIL import Image
+        from explore.uploads import UploadError, read_image
+        from explore.validate import LIMITS
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise CLIError(f"--base_samples: no images ({', '.join(IMAGE_SUFFIXES)}) in folder {source}")
         arrays = []
         for f in files:
             try:
-                with Image.open(f) as img:
-                    arrays.append(np.asarray(img.convert("RGB")))
-            except OSError as err:
-                raise CLIError(f"--base_samples: cannot read {f.name} ({err})") from None
+                arrays.append(read_image(f, LIMITS, "--base_samples").pixels)
+            except UploadError as err:
+                raise CLIError(str(err)) from None
         sizes = sorted({a.shape[:2] for a in arrays})
         if len(sizes) != 1:
             raise CLIError(f"--base_samples: all images in the folder must have the same size, found {sizes}")

@@ -118,6 +118,9 @@ def normalise_images(images: np.ndarray, name: str = "images") -> np.ndarray:
             images = (images + 1) * 127.5
         elif lo >= 0 and hi <= 1.0001:
             images = images * 255
+        elif not (lo >= -0.5 and hi <= 255.5):
+            raise SampleFileError(f"{name}: float images must lie in [-1, 1], [0, 1] or [0, 255]; "
+                                  f"these span [{lo:g}, {hi:g}]")
         images = np.clip(np.rint(images), 0, 255)  # rounded, so from_uint8's floats read back exactly
     elif images.min() < 0 or images.max() > 255:
         raise SampleFileError(f"{name}: integer images must lie in 0..255")

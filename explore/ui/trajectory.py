@@ -119,6 +119,11 @@ class Trajectory:
                 if steps.shape != (len(x),):
                     raise ValueError("'steps' must hold one loop index per recorded step")
                 guidance = data["guidance"] if "guidance" in data.files else None
+                if guidance is not None and guidance.shape != x.shape:
+                    raise ValueError(f"'guidance' has shape {list(guidance.shape)}, expected {list(x.shape)}")
+                if "labels" in data.files and (data["labels"].dtype.kind not in "iu"
+                                               or data["labels"].shape != (x.shape[1],)):
+                    raise ValueError(f"'labels' must be {x.shape[1]} whole numbers, one per image")
                 return cls(
                     recipe_json=str(data["recipe"]) if "recipe" in data.files else "{}",
                     total=int(data["total"]) if "total" in data.files else int(steps[-1]) + 1,
@@ -129,7 +134,7 @@ class Trajectory:
                     labels=data["labels"] if "labels" in data.files else None,
                     class_names=[str(c) for c in data["class_names"]] if "class_names" in data.files else None,
                     stopped=bool(data["stopped"]) if "stopped" in data.files else False)
-        except (OSError, EOFError, KeyError) as err:
+        except (OSError, EOFError, KeyError, TypeError, IndexError) as err:
             raise ValueError(f"{path.name}: cannot be read as a trajectory ({err})") from None
 
     def analysis(self, i: int) -> dict:

@@ -16,6 +16,8 @@ from explore.outputs import SampleFileError, from_uint8, load_samples_npz, save_
 from explore.ui import images, metrics, plots, progress as progress_bar
 from explore.ui.context import AppContext, class_index, class_names, optional
 from explore.ui.session import Session, ensure
+from explore.uploads import UploadError, read_image
+from explore.validate import MAX_SEED, InputError, whole
 
 WHOLE = "whole photo, resized"
 NATIVE = "native pixels"
@@ -146,17 +148,22 @@ class Lab:
         session.start("upsample")
         keep = gr.update()
         given = None
+        seed = _whole("seed", seed, 0, MAX_SEED)
         if upload is not None:
             try:
-                low, given = load_samples_npz(getattr(upload, "name", upload))
+                low, given = load_samples_npz(getattr(upload, "name", upload), self.ctx.registry.caps.upload_bytes)
             except SampleFileError as err:
                 raise gr.Error(str(err)) from None
+            source = f"{min(len(low), MAX_BATCH)} images from the uploaded file"
+            if len(low) > MAX_BATCH:
+                gr.Warning(f"The file holds {len(low)} images; the first {MAX_BATCH} are upsampled.")
+                source += f" (the first {MAX_BATCH} of {len(low)})"
             low = low[:MAX_BATCH]
             given = None if given is None else given[:MAX_BATCH]
             if low.shape[1:3] != (small, small):
+                source += f", resized from {low.shape[1]}x{low.shape[2]} to {small}x{small} px"
                 low = np.stack([np.asarray(Image.fromarray(im).resize((small, small), Image.Resampling.BOX))
                                 for im in low])
-            source = f"{len(low)} images from the uploaded file"
         else:
             base_model = optional(base_model)
             if base_model is None:
@@ -164,9 +171,7 @@ class Lab:
             info = self.ctx.info(base_model)
             if info.image_size != small:
                 raise gr.Error(f"{base_model} makes {info.image_size} px images; {upsampler} takes {small} px.")
-            count = int(count)
-            if not 1 <= count <= MAX_BATCH:
-                raise gr.Error(f"number of images must be 1..{MAX_BATCH}")
+            count = _whole("number of images", count, 1, min(MAX_BATCH, self.ctx.registry.caps.batch))
             label = None if class_choice in (SUGGEST, NULL_CLASS, None, "") else class_index(info, class_choice)
             recipe = Recipe(model=base_model, class_label=label, sampler="ddim", respacing=str(base_respacing).strip(),
                             seed=int(seed), batch_size=count)
@@ -189,7 +194,7 @@ class Lab:
         labels = self.labels_for(upsampler, class_choice, low, given)
         seeds = [int(seed) + i for i in range(len(low))]
         started = time.perf_counter()
-        every = max(1, int(preview_every or 5))
+        every = _whole("preview_every", 5 if preview_every is None else preview_every, 1, 10_000)
         for step, finished in self._upsample(upsampler, low, labels, up_respacing, seeds, session, progress, every,
                                              "upsampling"):
             if not finished:
@@ -232,16 +237,25 @@ class Lab:
     def photo(self, name: str | None, upload, upsampler: str, mode: str) -> tuple[np.ndarray, np.ndarray]:
         """(the original at the upsampler's output size, the downscaled input) of a bundled or uploaded photo."""
         small, out = upsampler_sizes(self.ctx, upsampler)
-        if upload is not None:
+        if isinstance(upload, np.ndarray):
             img = as_rgb_uint8(upload)
             if img.shape[0] * img.shape[1] > MAX_PHOTO_PIXELS:
                 raise gr.Error("The uploaded photo is too large (over 40 megapixels).")
+        elif upload is not None:  # a file path: read safely (caps checked before decoding)
+            try:
+                photo = read_image(getattr(upload, "name", upload), self.ctx.registry.caps)
+            except UploadError as err:
+                raise gr.Error(str(err)) from None
+            for note in photo.notes:
+                gr.Warning(f"Uploaded photo: {note}.")
+            img = photo.pixels
         else:
             if name not in WILD_PHOTO_NAMES:
                 raise gr.Error(f"Unknown photo {name!r}; choose one of {', '.join(WILD_PHOTO_NAMES)}.")
             img = wild_photo(name)
         if min(img.shape[:2]) < out:
-            raise gr.Error(f"The photo is smaller than the upsampler's output ({out}x{out}).")
+            raise gr.Error(f"photo: {img.shape[1]}x{img.shape[0]} px is smaller than the upsampler's output; "
+                           f"it needs at least {out}x{out} px.")
         if mode == NATIVE:
             crop = np.ascontiguousarray(center_crop(img, out))
         else:  # shrink so the short side equals the output size, then take the centred square
@@ -275,6 +289,7 @@ class Lab:
         if upsampler is None:
             raise gr.Error("No upsampler selected.")
         small, out = upsampler_sizes(self.ctx, upsampler)
+        seed = _whole("seed", seed, 0, MAX_SEED)
         session.start("upsample")
         original, low = self.photo(name, upload, upsampler, mode)
         labels = self.labels_for(upsampler, class_choice, low[None])
@@ -314,11 +329,12 @@ class Lab:
         info = self.ctx.info(upsampler)
         if info.num_labels is None:
             raise gr.Error(f"{upsampler} is not class-conditional.")
+        seed = _whole("seed", seed, 0, MAX_SEED)
         session.start("upsample")
         original, low = self.photo(name, upload, upsampler, mode)
         probs = self.classify(low[None], upsampler)
         order = list(np.argsort(-probs[0])) if probs is not None else list(range(info.num_labels))
-        count = max(1, min(int(count), info.num_labels, MAX_BATCH))
+        count = _whole("classes", count, 1, min(info.num_labels, MAX_BATCH))
         labels = np.array(order[:count])
         names = class_names(info)
         batch = np.repeat(low[None], count, axis=0)
@@ -335,6 +351,13 @@ class Lab:
                 p = f", p={probs[0][label]:.2f}" if probs is not None else ""
                 gallery.append((img, f"{names[label]}{p}: PSNR {psnr:.1f} dB, SSIM {ssim:.3f}"))
         yield gallery, f"{count} classes, same photo and same noise.", session
+
+
+def _whole(name: str, value, low: int, high: int) -> int:
+    try:
+        return whole(name, value, low, high)
+    except InputError as err:
+        raise gr.Error(str(err)) from None
 
 
 def _mean(items) -> dict[str, float]:
