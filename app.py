@@ -14,6 +14,7 @@ from explore.samplers import SAMPLERS  # noqa: E402
 from explore.ui import plots, progress, trajectory  # noqa: E402
 from explore.ui.compare import COLUMNS, Comparison  # noqa: E402
 from explore.ui.context import AppContext, class_choices  # noqa: E402
+from explore.ui.cancel import stoppable  # noqa: E402
 from explore.ui.gpu import gpu  # noqa: E402
 from explore.ui.sampling import Sampler, sampler_changed  # noqa: E402
 from explore.ui.session import new_session  # noqa: E402
@@ -96,8 +97,8 @@ def sampling_tab(ctx: AppContext, session: gr.State):
     inputs = [model, class_choice, sampler, respacing, karras, classifier, classifier_scale, cfg_scale, method,
               eta, churn, seed, batch, preview_every, session]
     outputs = [x_t, x0, status, bar, *tele, gallery, files, command, session]
-    event = run.click(gpu(300)(sampler_h.run), inputs, outputs, api_name="sample", show_progress="hidden",
-                      **HEAVY)
+    event = run.click(stoppable("sample", gpu(300)(sampler_h.run)), inputs, outputs, api_name="sample",
+                      show_progress="hidden", **HEAVY)
     stop.click(sampler_h.stop, [session], None, api_name="stop_sample", queue=False)
     check = [model, respacing, sampler, karras]
     respacing.change(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
@@ -172,8 +173,9 @@ def compare_tab(ctx: AppContext, session: gr.State):
             tradeoff = gr.Plot(label="Trade-off", format="png", elem_id="compare-tradeoff", show_label=False)
             files = gr.File(label="Downloads", file_count="multiple")
     handler = Comparison(ctx)
-    run.click(gpu(600)(handler.run), [model, class_choice, sampler, respacing, classifier, classifier_scales,
-                                      cfg_scales, method, seed, per_cell, evaluator, session],
+    run.click(stoppable("compare", gpu(600)(handler.run)),
+              [model, class_choice, sampler, respacing, classifier, classifier_scales, cfg_scales, method, seed,
+               per_cell, evaluator, session],
               [grid, table, tradeoff, status, bar, files, session], api_name="compare", show_progress="hidden",
               **HEAVY)
     stop.click(handler.stop, [session], None, api_name="stop_compare", queue=False)
@@ -294,17 +296,18 @@ def upsample_tab(ctx: AppContext, session: gr.State):
     sharp = gr.Plot(plots.sharpness_figure({}), label="Sharpness: generated vs wild", format="png",
                     elem_id="lab-sharpness", show_label=False)
 
-    gen_run.click(gpu(300)(lab.generated), [base, gen_class, seed, count, base_respacing, upsampler, up_respacing,
-                                            npz, preview_every, session],
+    gen_run.click(stoppable("upsample", gpu(300)(lab.generated)),
+                  [base, gen_class, seed, count, base_respacing, upsampler, up_respacing, npz, preview_every, session],
                   [gen_low, gen_high, gen_status, gen_bar, sharp, gen_files, session],
                   api_name="upsample_generated", show_progress="hidden", **HEAVY)
     suggest.click(gpu(60)(lab.suggest), [photo, upload, upsampler, mode], [top, wild_class, low, suggest_msg],
                   api_name="suggest_classes", show_progress="minimal", **HEAVY)
-    wild_run.click(gpu(300)(lab.wild), [photo, upload, upsampler, mode, wild_class, up_respacing, seed, session],
+    wild_run.click(stoppable("upsample", gpu(300)(lab.wild)),
+                   [photo, upload, upsampler, mode, wild_class, up_respacing, seed, session],
                    [original, low, cubic, high, numbers, wild_status, sharp, session], api_name="upsample_wild",
                    show_progress="full", show_progress_on=[wild_status], **HEAVY)
-    classes_run.click(gpu(600)(lab.wild_classes), [photo, upload, upsampler, mode, up_respacing, seed, n_classes,
-                                                   session],
+    classes_run.click(stoppable("upsample", gpu(600)(lab.wild_classes)),
+                      [photo, upload, upsampler, mode, up_respacing, seed, n_classes, session],
                       [classes_gallery, classes_status, session], api_name="upsample_wild_classes",
                       show_progress="full", show_progress_on=[classes_status], **HEAVY)
     stop.click(lab.stop, [session], None, api_name="stop_upsample", queue=False)
@@ -364,7 +367,8 @@ def main(argv=None) -> None:
     demo = build(ctx)
     with open(CSS_PATH) as f:
         css = f.read()
-    demo.queue(max_size=32, default_concurrency_limit=1).launch(
+    queue_size = int(os.environ.get("EXPLORE_QUEUE_SIZE", "32"))  # waiting requests; more get a polite 'busy'
+    demo.queue(max_size=queue_size, default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, css=css, theme=gr.themes.Soft(),
         footer_links=["api", "gradio"], allowed_paths=[str(ctx.out_root)], show_error=True)
 

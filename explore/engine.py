@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import math
+import os
 import shlex
+import time
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterator
 
@@ -176,8 +177,12 @@ class Plan:
         expected = (self.recipe.batch_size, *self.shape)
         if tuple(x_T.shape) != expected:
             raise RecipeError(f"noise: x_T has shape {list(x_T.shape)}, this run needs {list(expected)}")
+        log = os.environ.get("EXPLORE_STEP_LOG")  # tests: one line per computed step, to see work after a cancel
         for step in sampler(self.denoiser, x_T, self.grid, self.cond, self.noise,
                             clip_denoised=self.recipe.clip_denoised, **self.recipe.sampler_options()):
+            if log:
+                with open(log, "a") as f:
+                    f.write(f"{time.time():.6f} {step.index}\n")
             yield step
             if should_stop is not None and should_stop():
                 return

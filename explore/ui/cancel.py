@@ -1,0 +1,99 @@
+"""Stop the computation itself, within one step, when a request is cancelled or its browser tab is closed.
+
+Gradio stops *reading* a generator handler when its event is cancelled or its client goes away, but the work
+between two yields (many sampler steps when previews are sparse) would go on. `stoppable` runs a generator
+handler one item at a time in a worker thread and, while it waits, watches the request: on cancellation or
+disconnection it raises the session's stop flag, which the step iterator checks after every step, and then
+closes the generator so its `finally:` blocks free what it holds.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from explore.ui.session import Session
+
+POLL_S = 0.05  # how often a waiting handler looks at its request
+_WORKERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="explore-handler")
+_DONE = object()
+
+
+class _Runner:
+    """Advances a sync generator in worker threads; closes it as soon as it is abandoned and idle."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+        self.lock = threading.Lock()
+        self.busy = False
+        self.abandoned = False
+
+    def step(self):
+        try:
+            return next(self.iterator, _DONE)
+        finally:
+            with self.lock:
+                self.busy = False
+                if self.abandoned:
+                    self.iterator.close()
+
+    def submit(self, context: contextvars.Context) -> asyncio.Future:
+        with self.lock:
+            self.busy = True
+        return asyncio.get_running_loop().run_in_executor(_WORKERS, context.run, self.step)
+
+    def abandon(self) -> None:
+        with self.lock:
+            self.abandoned = True
+            if not self.busy:
+                self.iterator.close()
+
+
+def _event_alive() -> Callable[[], bool]:
+    """Whether the current Gradio event still has a client (False once its tab is closed or it is cancelled)."""
+    try:
+        from gradio.context import LocalContext
+        blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+        events = blocks._queue.event_ids_to_events  # Gradio internals; without them only cancellation is seen
+    except Exception:
+        return lambda: True
+
+    def alive() -> bool:
+        event = events.get(event_id)
+        return event is None or getattr(event, "alive", True)
+    return alive
+
+
+def stoppable(task: str, handler: Callable) -> Callable:
+    """Wrap a generator handler whose Session argument has a stop flag named `task` (see Session.stop)."""
+
+    @functools.wraps(handler)
+    async def run(*args, **kwargs):
+        session = next((a for a in (*args, *kwargs.values()) if isinstance(a, Session)), None)
+        alive = _event_alive()
+        context = contextvars.copy_context()
+        runner = _Runner(handler(*args, **kwargs))
+        finished = False
+        try:
+            while True:
+                pending = runner.submit(context)
+                while True:
+                    done, _ = await asyncio.wait({pending}, timeout=POLL_S)
+                    if done:
+                        break
+                    if session is not None and not alive():  # the tab was closed: end after this step
+                        session.request_stop(task)
+                item = pending.result()
+                if item is _DONE:
+                    finished = True
+                    return
+                yield item
+        finally:  # finished, failed, cancelled, disconnected or closed by Gradio
+            if session is not None and not finished:
+                session.request_stop(task)  # the step loop ends after the step it is in
+            runner.abandon()
+
+    return run

@@ -1,0 +1,141 @@
+"""Many users on one server: concurrent streaming clients get the results they would get alone, a full queue
+answers 'busy', and a cancelled run or a closed tab stops the sampling itself within one step."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import load
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+QUEUE_SIZE = 10
+
+
+@pytest.fixture(scope="module")
+def server(app_checkpoints, tmp_path_factory):
+    """The app with a step log (one line per computed sampler step) and a small queue."""
+    work = tmp_path_factory.mktemp("load-server")
+    env = {"EXPLORE_STEP_LOG": str(work / "steps.log"), "EXPLORE_QUEUE_SIZE": str(QUEUE_SIZE)}
+    with load.serve(app_checkpoints, work, env) as running:
+        running.steps_log = work / "steps.log"
+        yield running
+    assert running.proc.returncode is not None
+
+
+def logged_steps(server) -> list[tuple[float, int]]:
+    """(time, step index) of every sampler step the server has computed so far."""
+    if not server.steps_log.exists():
+        return []
+    rows = [line.split() for line in server.steps_log.read_text().splitlines() if line.strip()]
+    return [(float(t), int(i)) for t, i in rows]
+
+
+def wait_for(predicate, timeout=60.0, what="condition"):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_concurrent_streaming_clients_get_what_they_get_alone(server, tmp_path):
+    """8 users x 2 rounds (the short form of `python -m tests.load`): all complete, identical, own state."""
+    started = time.time()
+    report = load.load_test(server.url, clients=8, rounds=2, steps=3, server=server, downloads=tmp_path)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "load-short.json").write_text(json.dumps({**report.__dict__, "summary": report.summary()},
+                                                          indent=1, default=float) + "\n")
+    print(report.summary())
+    assert report.errors == [] and report.runs == report.completed == 16
+    assert report.identical_to_solo == 16 and report.own_state == 16
+    assert report.p95_s > 0 and server.alive()
+    assert time.time() - started < 240
+
+
+def test_a_full_queue_answers_busy_and_the_server_goes_on(server, tmp_path):
+    users = [load.client(server.url, tmp_path / f"user{i}") for i in range(3)]
+    before = len(logged_steps(server))
+    long_run = users[0].submit(*load.sample_args(0, 1000), api_name="/sample")
+    wait_for(lambda: len(logged_steps(server)) > before, what="a running job")
+    jobs, busy = [], []
+    for i in range(QUEUE_SIZE + 4):
+        job = users[1 + i % 2].submit(*load.sample_args(i, 2), api_name="/sample")
+        jobs.append(job)
+    for job in jobs:
+        try:
+            job.result(timeout=0.5)
+        except Exception as err:  # noqa: BLE001 - sorted below
+            if "queue is full" in str(err).lower():
+                busy.append(str(err))
+    assert len(busy) >= 1, "an over-full queue must refuse politely"
+    assert all("Please try again" in message for message in busy), busy
+    for job in (long_run, *jobs):
+        job.cancel()
+    fresh = load.client(server.url, tmp_path / "after")
+    seconds, images = load.run_once(fresh, load.sample_args(1, 2))
+    assert images.shape == (1, 32, 32, 3) and server.alive()
+
+
+def test_cancel_ends_the_sampling_within_one_step(server, tmp_path):
+    """job.cancel() while the handler is between yields (previews only every 50 steps)."""
+    user = load.client(server.url, tmp_path / "user")
+    before = len(logged_steps(server))
+    args = load.sample_args(0, 1000)
+    args[-1] = 50  # previews every 50 steps: the cancel arrives while the loop is between two yields
+    job = user.submit(*args, api_name="/sample")
+    wait_for(lambda: len(logged_steps(server)) >= before + 5, what="5 sampler steps")
+    cancelled = time.time()  # before the request: /cancel itself may wait for the handler
+    job.cancel()
+    time.sleep(2.0)
+    cpu = server.cpu_seconds()
+    time.sleep(1.0)
+    idle_cpu = server.cpu_seconds() - cpu
+    run = logged_steps(server)[before:]
+    after = [i for t, i in run if t > cancelled]
+    assert len(after) <= 1, f"{len(after)} steps were computed after the cancel"
+    assert len(run) < 1000 and idle_cpu < 0.3, (len(run), idle_cpu)
+    # the session can run again straight away
+    assert load.run_once(user, load.sample_args(0, 2))[1].shape == (1, 32, 32, 3)
+
+
+CLOSING_CLIENT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[3])
+    import load
+    args = load.sample_args(0, 1000)
+    args[-1] = 50
+    user = load.client(sys.argv[1], Path(sys.argv[2]))
+    user.submit(*args, api_name="/sample")
+    print("submitted", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_closed_tab_ends_the_sampling(server, tmp_path):
+    """A client process killed mid-run (a closed browser tab): the sampling stops within a step of it noticing."""
+    before = len(logged_steps(server))
+    proc = subprocess.Popen([sys.executable, "-c", CLOSING_CLIENT, server.url, str(tmp_path),
+                             str(Path(__file__).parent)], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(logged_steps(server)) >= before + 5, what="5 sampler steps")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    closed = time.time()
+    time.sleep(3.0)
+    cpu = server.cpu_seconds()
+    time.sleep(1.0)
+    idle_cpu = server.cpu_seconds() - cpu
+    run = logged_steps(server)[before:]
+    after = [i for t, i in run if t > closed]
+    print(f"closed tab: {len(after)} steps after the connection closed; {idle_cpu:.2f} s CPU in the next second")
+    assert len(after) <= 3, f"{len(after)} steps were computed after the client went away"
+    assert len(run) < 1000 and idle_cpu < 0.3, (len(run), idle_cpu)
+    assert server.alive()
