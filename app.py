@@ -16,6 +16,7 @@ from explore.ui.compare import COLUMNS, Comparison  # noqa: E402
 from explore.ui.context import AppContext, class_choices  # noqa: E402
 from explore.ui.cancel import stoppable  # noqa: E402
 from explore.ui.gpu import gpu  # noqa: E402
+from explore.ui.inputs import Dropdown, Image, Number, Radio, Slider  # noqa: E402  (field-named input checks)
 from explore.ui.sampling import Sampler, sampler_changed  # noqa: E402
 from explore.ui.session import new_session  # noqa: E402
 from explore.ui.upsample_lab import METRIC_COLUMNS, NATIVE, WHOLE, Lab, lab_class_choices  # noqa: E402
@@ -41,28 +42,28 @@ def sampling_tab(ctx: AppContext, session: gr.State):
     classifiers = [n for n in ctx.names("classifier") if ctx.info(n).image_size == info0.image_size]
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
-            model = gr.Dropdown(models, value=model0, label="Model")
-            class_choice = gr.Dropdown(class_choices(info0), value=class_choices(info0)[0], label="Class")
+            model = Dropdown(models, value=model0, label="Model")
+            class_choice = Dropdown(class_choices(info0), value=class_choices(info0)[0], label="Class")
             with gr.Row():
-                sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", min_width=120)
+                sampler = Dropdown(list(SAMPLERS), value="ddim", label="Sampler", min_width=120)
                 respacing = gr.Textbox("50", label="Timestep respacing", info="'50', 'ddim25', '10,15,20'",
                                        min_width=140, elem_id="sample-respacing")
             respacing_msg = gr.Markdown(elem_id="respacing-msg")
             karras = gr.Checkbox(False, label="Karras noise levels", interactive=False)
             with gr.Row():
-                eta = gr.Slider(0, 1, 0.0, step=0.05, label="eta", visible=True, min_width=120)
-                churn = gr.Slider(0, 80, 0.0, step=1, label="churn (Heun)", visible=False, min_width=120)
+                eta = Slider(0, 1, 0.0, step=0.05, label="eta", visible=True, min_width=120)
+                churn = Slider(0, 80, 0.0, step=1, label="churn (Heun)", visible=False, min_width=120)
             with gr.Group():
-                classifier = gr.Dropdown(["none", *classifiers], value=classifiers[0] if classifiers else "none",
+                classifier = Dropdown(["none", *classifiers], value=classifiers[0] if classifiers else "none",
                                          label="Guidance classifier")
-                classifier_scale = gr.Slider(0, 20, 0.0, step=0.5, label="Classifier-guidance scale")
-                cfg_scale = gr.Slider(0, 10, 1.0, step=0.25, label="CFG scale (1 = conditional model)",
+                classifier_scale = Slider(0, 20, 0.0, step=0.5, label="Classifier-guidance scale")
+                cfg_scale = Slider(0, 10, 1.0, step=0.25, label="CFG scale (1 = conditional model)",
                                       interactive=info0.null_class is not None)
-                method = gr.Radio(METHODS, value="standard", label="Guidance method")
+                method = Radio(METHODS, value="standard", label="Guidance method")
             with gr.Row():
-                seed = gr.Number(0, precision=0, minimum=0, label="Seed", min_width=100)
-                batch = gr.Slider(1, 16, 2, step=1, label="Batch size", min_width=120, elem_id="sample-batch")
-            preview_every = gr.Slider(1, 50, 5, step=1, label="Preview every N steps", elem_id="sample-every")
+                seed = Number(0, precision=0, minimum=0, label="Seed", min_width=100)
+                batch = Slider(1, 16, 2, step=1, label="Batch size", min_width=120, elem_id="sample-batch")
+            preview_every = Slider(1, 50, 5, step=1, label="Preview every N steps", elem_id="sample-every")
             with gr.Row():
                 run = gr.Button("Run", variant="primary", elem_id="sample-run")
                 stop = gr.Button("Stop", variant="stop", elem_id="sample-stop")
@@ -143,22 +144,22 @@ def compare_tab(ctx: AppContext, session: gr.State):
                     + " The grid still fills, without per-cell numbers.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
-            model = gr.Dropdown(models, value=model0, label="Model")
+            model = Dropdown(models, value=model0, label="Model")
             names = class_choices(info0)[1:]
-            class_choice = gr.Dropdown(names, value=names[0], label="Requested class")
+            class_choice = Dropdown(names, value=names[0], label="Requested class")
             with gr.Row():
-                sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", min_width=120)
+                sampler = Dropdown(list(SAMPLERS), value="ddim", label="Sampler", min_width=120)
                 respacing = gr.Textbox("25", label="Timestep respacing", min_width=120, elem_id="compare-respacing")
-            classifier = gr.Dropdown(["none", *classifiers], value=classifiers[0] if classifiers else "none",
+            classifier = Dropdown(["none", *classifiers], value=classifiers[0] if classifiers else "none",
                                      label="Guidance classifier")
             classifier_scales = gr.Textbox("0, 2, 6", label="Classifier scales (rows)", elem_id="compare-clf-scales")
             cfg_scales = gr.Textbox("1, 2, 4", label="CFG scales (columns)", elem_id="compare-cfg-scales")
-            method = gr.Radio(METHODS, value="standard", label="Guidance method")
+            method = Radio(METHODS, value="standard", label="Guidance method")
             with gr.Row():
-                seed = gr.Number(0, precision=0, minimum=0, label="Seed", min_width=100)
-                per_cell = gr.Slider(1, 8, 4, step=1, label="Images per cell", min_width=120,
+                seed = Number(0, precision=0, minimum=0, label="Seed", min_width=100)
+                per_cell = Slider(1, 8, 4, step=1, label="Images per cell", min_width=120,
                                      elem_id="compare-per-cell")
-            evaluator = gr.Dropdown(["none", *evaluators], value=evaluators[0] if evaluators else "none",
+            evaluator = Dropdown(["none", *evaluators], value=evaluators[0] if evaluators else "none",
                                     label="Evaluation classifier (never used for guidance)")
             with gr.Row():
                 run = gr.Button("Run sweep", variant="primary", elem_id="compare-run")
@@ -191,8 +192,8 @@ def trajectory_tab(session: gr.State):
         load = gr.Button("Show the latest run", elem_id="trajectory-load", scale=1)
         upload = gr.File(label="…or load a trajectory .npz", file_types=[".npz"], scale=2, height=90)
     with gr.Row():
-        step = gr.Slider(0, 1, 0, step=1, label="Recorded step", elem_id="trajectory-step", scale=3)
-        image_choice = gr.Dropdown([], label="Image", scale=1, min_width=140)
+        step = Slider(0, 1, 0, step=1, label="Recorded step", elem_id="trajectory-step", scale=3)
+        image_choice = Dropdown([], label="Image", scale=1, min_width=140)
     with gr.Row():
         views = [gr.Image(label=label, format="png", interactive=False, elem_classes=["pixelated"], min_width=140)
                  for label in ("x_t (after this step)", "predicted x0", "predicted noise", "guidance term")]
@@ -200,7 +201,7 @@ def trajectory_tab(session: gr.State):
     spectrum = gr.Plot(label="Power spectrum of predicted x0", format="png", elem_id="trajectory-spectrum",
                        show_label=False)
     with gr.Row():
-        tol = gr.Slider(0.02, 0.5, 0.1, step=0.02, label="Settled when |x0 - final| stays below", scale=1)
+        tol = Slider(0.02, 0.5, 0.1, step=0.02, label="Settled when |x0 - final| stays below", scale=1)
         settle = gr.Plot(label="When each region settled", format="png", scale=2, elem_id="trajectory-settle",
                          show_label=False)
 
@@ -232,9 +233,9 @@ def upsample_tab(ctx: AppContext, session: gr.State):
     bases = [n for n in ctx.names("diffusion") if ctx.info(n).image_size == small0]
     choices = lab_class_choices(ctx, up0)
     with gr.Row():
-        upsampler = gr.Dropdown(upsamplers, value=up0, label="Upsampler", scale=2)
+        upsampler = Dropdown(upsamplers, value=up0, label="Upsampler", scale=2)
         up_respacing = gr.Textbox("20", label="Upsampler respacing (DDIM)", scale=1, elem_id="up-respacing")
-        seed = gr.Number(0, precision=0, minimum=0, label="Seed", scale=1)
+        seed = Number(0, precision=0, minimum=0, label="Seed", scale=1)
         stop = gr.Button("Stop", variant="stop", elem_id="upsample-stop", scale=1)
     with gr.Row(equal_height=False):
         with gr.Column(min_width=320):
@@ -242,16 +243,16 @@ def upsample_tab(ctx: AppContext, session: gr.State):
             if not bases:
                 gr.Markdown(f"No base model makes {small0} px images; upload an `.npz` of low-res samples.")
             with gr.Row():
-                base = gr.Dropdown(["none", *bases], value=bases[0] if bases else "none", label="Base model")
-                gen_class = gr.Dropdown(choices, value=choices[0], label="Class")
+                base = Dropdown(["none", *bases], value=bases[0] if bases else "none", label="Base model")
+                gen_class = Dropdown(choices, value=choices[0], label="Class")
             with gr.Row():
-                count = gr.Slider(1, 8, 2, step=1, label="Images", elem_id="gen-count")
+                count = Slider(1, 8, 2, step=1, label="Images", elem_id="gen-count")
                 base_respacing = gr.Textbox("25", label="Base respacing (DDIM)", elem_id="gen-respacing")
             npz = gr.File(label="…or upload low-res samples (.npz)", file_types=[".npz"], height=90)
             if small0 == 32:
                 gr.Examples([[os.path.join(HERE, "assets", "examples", "rendered_scenes_4x32x32x3.npz")]], [npz],
                             label="Example: four rendered 32 px scenes (true low-res images, not samples)")
-            preview_every = gr.Slider(1, 50, 5, step=1, label="Preview every N steps")
+            preview_every = Slider(1, 50, 5, step=1, label="Preview every N steps")
             gen_run = gr.Button("Generate and upsample", variant="primary", elem_id="gen-run")
             gen_status = gr.Markdown(elem_id="gen-status")
             gen_bar = gr.HTML(progress.bar(0, 1), elem_id="gen-progress", padding=False)
@@ -265,12 +266,12 @@ def upsample_tab(ctx: AppContext, session: gr.State):
             gr.Markdown("### In the wild\nReal photo → centre crop → downscaled → upsampled, "
                         "beside the original and bicubic.")
             with gr.Row():
-                photo = gr.Dropdown(list(WILD_PHOTO_NAMES), value="astronaut", label="Bundled photo")
-                mode = gr.Radio([WHOLE, NATIVE], value=WHOLE, label="Crop")
-            upload = gr.Image(label="…or upload a photo", type="filepath", sources=["upload"], height=160)
+                photo = Dropdown(list(WILD_PHOTO_NAMES), value="astronaut", label="Bundled photo")
+                mode = Radio([WHOLE, NATIVE], value=WHOLE, label="Crop")
+            upload = Image(label="…or upload a photo", type="filepath", sources=["upload"], height=160)
             with gr.Row():
                 suggest = gr.Button("Suggest classes", elem_id="wild-suggest")
-                wild_class = gr.Dropdown(choices, value=choices[0], label="Class for the upsampler")
+                wild_class = Dropdown(choices, value=choices[0], label="Class for the upsampler")
             top = gr.Label(label="Classifier's top classes", num_top_classes=3, elem_id="wild-top")
             suggest_msg = gr.Markdown()
             wild_run = gr.Button("Upsample photo", variant="primary", elem_id="wild-run")
@@ -288,7 +289,7 @@ def upsample_tab(ctx: AppContext, session: gr.State):
             numbers = gr.Dataframe(headers=METRIC_COLUMNS, label="Against the original", interactive=False,
                                    elem_id="wild-metrics")
             with gr.Row():
-                n_classes = gr.Slider(2, 8, 4, step=1, label="Classes", elem_id="wild-n-classes")
+                n_classes = Slider(2, 8, 4, step=1, label="Classes", elem_id="wild-n-classes")
                 classes_run = gr.Button("Upsample under several classes", elem_id="wild-classes-run")
             classes_status = gr.Markdown()
             classes_gallery = gr.Gallery(label="One photo, one noise, several classes", columns=4, format="png",

@@ -168,7 +168,10 @@ def _image_index(traj: Trajectory, choice) -> int:
     if choice in (None, ""):
         return 0
     text = str(choice)
-    index = int(text.split(":")[0].replace("image", "").strip()) if text.startswith("image") else int(text)
+    try:
+        index = int(text.split(":")[0].replace("image", "").strip()) if text.startswith("image") else int(text)
+    except ValueError:
+        raise gr.Error(f"image: {choice!r:.60} is not one of the run's images 0..{traj.batch - 1}") from None
     if not 0 <= index < traj.batch:
         raise gr.Error(f"image {index} is outside this run's batch of {traj.batch}")
     return index
