@@ -241,3 +241,43 @@ def test_registry_caps_apply_in_plan(tmp_path):
         plan(Recipe(model="tiny_cond", respacing="2", batch_size=17), registry)
     registry.caps = GPU_CAPS
     assert plan(Recipe(model="tiny_cond", respacing="2", batch_size=17), registry).recipe.batch_size == 17
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+ADM32 = "tests/fixtures/adm32.pt"
+ADM32_FLAGS = ("--image_size 32 --num_channels 32 --num_res_blocks 1 --num_heads 2 --attention_resolutions 16 "
+               "--channel_mult 1,2 --learn_sigma True --resblock_updown True --use_scale_shift_norm True").split()
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--timestep_respacing", "99999999999"], "--timestep_respacing: respacing '99999999999': 99999999999 steps is "
+                                              "far more than the 1000 the model has (accepted: 1..1000)"),
+    (["--timestep_respacing", "ddim999"], "the nearest that work: ddim500 or ddim1000"),
+    (["--timestep_respacing", "600,600"], "cannot divide section of 500 steps into 600 (accepted: 1..500"),
+    (["--num_samples", "5000", "--batch_size", "5000"], "--batch_size: 5000 is outside the accepted range [1, 4096]"),
+    (["--seed", str(2 ** 64)], "--seed: 18446744073709551616 is outside the accepted range [0, "),
+    (["--cfg_scale", "1e999"], "--cfg_scale: inf is outside the accepted range [0, 100]"),
+    (["--churn", "-1", "--sampler", "heun"], "--churn: -1.0 is outside the accepted range [0, 1000]"),
+])
+def test_command_line_names_the_flag_and_the_range(tmp_path, capsys, extra, expected):
+    from explore.__main__ import main
+    code = main(["sample", "--model_path", ADM32, *ADM32_FLAGS, "--timestep_respacing", "2", "--num_samples", "1",
+                 *extra, "--out_dir", str(tmp_path)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
+def test_command_line_reads_image_folders_through_the_safe_reader(tmp_path):
+    from PIL import Image
+
+    from explore.__main__ import CLIError, read_base_samples
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(folder / "a.png")
+    images, labels = read_base_samples(str(folder))
+    assert images.shape == (1, 8, 8, 3) and (images == 255).all() and labels is None  # alpha shown on white
+    (folder / "b.png").write_text("not an image")
+    with pytest.raises(CLIError, match="^--base_samples 'b.png': not an image this app reads"):
+        read_base_samples(str(folder))
