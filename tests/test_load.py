@@ -139,3 +139,28 @@ def test_closed_tab_ends_the_sampling(server, tmp_path):
     assert len(after) <= 3, f"{len(after)} steps were computed after the client went away"
     assert len(run) < 1000 and idle_cpu < 0.3, (len(run), idle_cpu)
     assert server.alive()
+
+
+def test_models_are_shared_read_only(app_context):
+    """Every request gets the same loaded module; a run changes none of its weights and swaps nothing."""
+    import hashlib
+
+    import torch
+
+    from explore.ui.sampling import Sampler
+    from explore.ui.session import Session
+
+    def fingerprint(module):
+        digest = hashlib.sha256()
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    entry = app_context.registry.get(load.BASE)
+    before = fingerprint(entry.module)
+    assert not any(p.requires_grad for p in entry.module.parameters()) and not entry.module.training
+    for user in range(2):
+        outputs = list(Sampler(app_context).run(*load.sample_args(user, 2), Session()))
+        assert outputs[-1][2].startswith("Finished")
+    assert app_context.registry.get(load.BASE) is entry and fingerprint(entry.module) == before
+    assert torch.is_grad_enabled()  # the step iterator's no_grad did not leak into the caller
