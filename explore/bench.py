@@ -400,7 +400,8 @@ def bf16_fidelity(registry: ModelRegistry) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m explore.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats, skip the 300M-parameter official model")
+    parser.add_argument("--quick", action="store_true", help="few repeats, batch 1 only, skip the 300M-parameter "
+                        "official model")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--checkpoints", default="checkpoints")
@@ -409,7 +410,8 @@ def main(argv=None) -> None:
     registry = ModelRegistry(args.checkpoints, device="cpu")
     results = {"machine": machine(), "repeats": repeats,
                "command": "python -m explore.bench" + (" --quick" if args.quick else "")}
-    steps = [("builtin", lambda: builtin_sampling(registry, repeats)),
+    batches = (1,) if args.quick else (1, 16)
+    steps = [("builtin", lambda: builtin_sampling(registry, repeats, batches)),
              ("diffusers", lambda: diffusers_peer(registry, repeats)),
              ("guided_step", lambda: guided_step_cost(registry, repeats)),
              ("streaming", lambda: streaming(registry, repeats)),
