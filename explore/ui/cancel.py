@@ -15,7 +15,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from explore.ui.memory import release_memory
 from explore.ui.session import Session
 
 POLL_S = 0.05  # how often a waiting handler looks at its request
@@ -39,11 +38,7 @@ class _Runner:
             with self.lock:
                 self.busy = False
                 if self.abandoned:
-                    self._close()
-
-    def _close(self) -> None:
-        self.iterator.close()
-        release_memory()
+                    self.iterator.close()
 
     def submit(self, context: contextvars.Context) -> asyncio.Future:
         with self.lock:
@@ -53,8 +48,8 @@ class _Runner:
     def abandon(self) -> None:
         with self.lock:
             self.abandoned = True
-            if not self.busy:  # off the event loop: the generator's finally and the trim may take a moment
-                _WORKERS.submit(self._close)
+            if not self.busy:
+                self.iterator.close()
 
 
 def _event_alive() -> Callable[[], bool]:
