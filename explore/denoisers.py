@@ -9,8 +9,11 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from explore.schedules import Schedule
 
 
 @dataclass(frozen=True)
@@ -52,15 +55,18 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 class ADMDenoiser:
     """Adapter for ADM-style UNets (official checkpoints and the built-in family).
 
-    The network returns eps (3 channels) or eps + learned-range values (6 channels).
+    The network returns eps (3 channels) or eps + learned-range values (6 channels). Given `v_schedule` (the
+    full training schedule), it returns v instead, turned into eps = sqrt(abar) v + sqrt(1 - abar) x_t.
     """
 
     def __init__(self, module: torch.nn.Module, learn_sigma: bool, class_cond: bool = True,
-                 precision: torch.dtype | None = None, channels_last: bool = False):
+                 precision: torch.dtype | None = None, channels_last: bool = False,
+                 v_schedule: Schedule | None = None):
         self.module = module
         self.learn_sigma, self.class_cond = learn_sigma, class_cond
         self.precision = precision
         self.channels_last = channels_last
+        self.v_schedule = v_schedule
 
     @property
     def device(self) -> torch.device:
@@ -73,7 +79,33 @@ class ADMDenoiser:
             if cond.low_res is not None:
                 kwargs["low_res"] = cond.low_res
             out = self.module(inputs, t, **kwargs).float()
+        var_values = None
         if self.learn_sigma:
-            eps, var_values = out.split(x.shape[1], dim=1)
-            return Prediction(eps.contiguous(), var_values.contiguous())
-        return Prediction(out.contiguous())
+            out, var_values = out.split(x.shape[1], dim=1)
+            var_values = var_values.contiguous()
+        if self.v_schedule is not None:
+            out = eps_from_v(out, x, alpha_bar_at(self.v_schedule, t))
+        return Prediction(out.contiguous(), var_values)
+
+
+def alpha_bar_at(schedule: Schedule, t: Tensor) -> Tensor:
+    """abar at original timesteps t; fractional t interpolate log-sigma, as Karras grids map sigma to t.
+
+    Computed on t's device (no host sync inside the step loop).
+    """
+    log_sigmas = torch.from_numpy(np.log(schedule.sigmas)).to(t.device)
+    last = len(log_sigmas) - 1
+    tt = t.to(log_sigmas.dtype).clamp(0, last)
+    low = tt.floor().clamp(max=max(last - 1, 0)).long()
+    high = (low + 1).clamp(max=last)
+    frac = tt - low
+    log_sigma = torch.lerp(log_sigmas[low], log_sigmas[high], frac)
+    return torch.sigmoid(-2 * log_sigma)  # 1 / (1 + sigma^2)
+
+
+def eps_from_v(v: Tensor, x: Tensor, abar: Tensor) -> Tensor:
+    """eps = sqrt(abar) v + sqrt(1 - abar) x_t, per image (abar: [B])."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    a = abar.to(x.dtype).sqrt().view(shape)
+    b = (1 - abar).to(x.dtype).clamp(min=0).sqrt().view(shape)
+    return a * v + b * x

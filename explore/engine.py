@@ -16,7 +16,7 @@ from explore.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from explore.noise import NoiseSource, PerImageNoise
 from explore.samplers import SAMPLER_OPTIONS, SAMPLERS, Grid, Step
 from explore import validate as check
-from explore.schedules import RespacingError
+from explore.schedules import RespacingError, Schedule
 from explore.validate import LIMITS, MAX_CLASSES, MAX_SEED, Caps, InputError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -261,8 +261,8 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
     if diffusion is None:
         raise RecipeError(f"model: {recipe.model!r} does not record the diffusion process it was trained for")
     if diffusion.predict_xstart or diffusion.rescale_timesteps:
-        raise RecipeError(f"model: {recipe.model!r} predicts x0 or rescales timesteps; only epsilon-prediction "
-                          "models with original timesteps (every guided-diffusion release) are supported")
+        raise RecipeError(f"model: {recipe.model!r} predicts x0 or rescales timesteps; only epsilon- or "
+                          "v-prediction models with original timesteps (every guided-diffusion release) are supported")
     device = registry.device
     precision = PRECISIONS[recipe.precision]
     if batch_invariant is None:
@@ -351,8 +351,10 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
 
 def _adm(loaded, precision, device, eval_batch: int | None) -> ADMDenoiser:
     network = FixedBatch(loaded.module, eval_batch) if eval_batch else loaded.module
-    return ADMDenoiser(network, loaded.diffusion.learn_sigma, class_cond=loaded.num_labels is not None,
-                       precision=precision, channels_last=device.type == "cuda")
+    diffusion = loaded.diffusion
+    v_schedule = Schedule.named(diffusion.noise_schedule, diffusion.steps) if diffusion.predict_v else None
+    return ADMDenoiser(network, diffusion.learn_sigma, class_cond=loaded.num_labels is not None,
+                       precision=precision, channels_last=device.type == "cuda", v_schedule=v_schedule)
 
 
 def iterate(recipe: Recipe, registry, noise: NoiseSource | None = None, low_res: torch.Tensor | None = None,

@@ -125,6 +125,8 @@ class TrainSpec:
     bf16: bool = True  # bf16 autocast on CPU (CUDA uses it too when available)
     crop: int = 32  # upsampler: high-res crop size
     threads: int = 0
+    prediction: str = "v"  # base/upsampler network output: "v" (Salimans & Ho 2022) or "eps" (as ADM)
+    init_from: Path | None = None  # a new run starts from this run's weights (e.g. runs/base/state.pt)
 
 
 def build(kind: str, num_classes: int):
@@ -156,13 +158,19 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.0)
         self.step = 0
         self.seconds = 0.0
-        self.diffusion = UPSAMPLER_DIFFUSION if spec.kind == "upsampler" else DIFFUSION
+        self.earlier: list[dict] = []  # runs these weights were initialised from (steps, minutes, prediction)
+        if spec.prediction not in ("v", "eps"):
+            raise ValueError(f"prediction must be 'v' or 'eps', got {spec.prediction!r}")
+        diffusion = UPSAMPLER_DIFFUSION if spec.kind == "upsampler" else DIFFUSION
+        self.diffusion = replace(diffusion, predict_v=spec.prediction == "v")
         schedule = Schedule.named(self.diffusion.noise_schedule, self.diffusion.steps)
         self.sqrt_abar = torch.from_numpy(schedule.sqrt_alphas_cumprod).float().to(self.device)
         self.sqrt_1m_abar = torch.from_numpy(schedule.sqrt_one_minus_alphas_cumprod).float().to(self.device)
         self.state_path = spec.run_dir / "state.pt"
         if self.state_path.exists():
             self._load()
+        elif spec.init_from is not None:
+            self._init_from(spec.init_from)
 
     # state ---------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -171,12 +179,27 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.seconds = int(state["step"]), float(state["seconds"])
+        self.earlier = json.loads(state.get("earlier", "[]"))
+        recorded = state.get("prediction", "eps")
+        if self.spec.kind in ("base", "upsampler") and recorded != self.spec.prediction:
+            raise ValueError(f"{self.state_path} was trained with --prediction {recorded}; resume it with the same, "
+                             f"or start a new --run_dir with --init_from {self.state_path}")
+
+    def _init_from(self, path: Path) -> None:
+        """Start this run from another run's weights (model and EMA; fresh optimiser, step 0)."""
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.earlier = json.loads(state.get("earlier", "[]")) + [{
+            "run": str(path), "steps": int(state["step"]), "minutes": round(float(state["seconds"]) / 60, 1),
+            "prediction": state.get("prediction", "eps")}]
 
     def save(self) -> None:
         self.spec.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
         torch.save({"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                    "step": self.step, "seconds": self.seconds}, tmp)
+                    "step": self.step, "seconds": self.seconds, "prediction": self.spec.prediction,
+                    "earlier": json.dumps(self.earlier)}, tmp)
         os.replace(tmp, self.state_path)
         (self.spec.run_dir / "progress.json").write_text(json.dumps(
             {"kind": self.spec.kind, "step": self.step, "minutes": round(self.seconds / 60, 1)}))
@@ -203,8 +226,12 @@ class Trainer:
             return F.cross_entropy(self.model(x_t, t).float(), labels)
         labels = self._null_dropout(labels.cpu(), gen).to(self.device)
         kwargs = {"low_res": low_res.to(self.device)} if spec.kind == "upsampler" else {}
-        eps = self.model(x_t, t, y=labels, **kwargs)
-        return F.mse_loss(eps.float(), noise)
+        out = self.model(x_t, t, y=labels, **kwargs).float()
+        if spec.prediction == "v":
+            target = self.sqrt_abar[t].view(-1, 1, 1, 1) * noise - self.sqrt_1m_abar[t].view(-1, 1, 1, 1) * x0
+        else:
+            target = noise
+        return F.mse_loss(out, target)
 
     def train(self) -> None:
         spec = self.spec
@@ -252,14 +279,19 @@ class Trainer:
         from explore.zoo import save_checkpoint
         kind = {"base": "diffusion", "upsampler": "superres", "classifier": "classifier",
                 "evaluator": "evaluator"}[self.spec.kind]
+        steps = self.step + sum(e["steps"] for e in self.earlier)
+        minutes = self.seconds / 60 + sum(e["minutes"] for e in self.earlier)
         meta = {
             "kind": kind,
             "model_config": self.config.to_dict(),
             "class_names": self.data.class_names,
-            "training": {"steps": self.step, "batch_size": self.spec.batch, "images_seen": self.step * self.spec.batch,
-                         "cpu_minutes": round(self.seconds / 60, 1), "data": self.spec.data, "seed": self.spec.seed,
+            "training": {"steps": steps, "batch_size": self.spec.batch, "images_seen": steps * self.spec.batch,
+                         "cpu_minutes": round(minutes, 1), "data": self.spec.data, "seed": self.spec.seed,
                          "ema": self.spec.ema, "label_dropout": self.spec.label_dropout
-                         if kind in ("diffusion", "superres") else 0.0},
+                         if kind in ("diffusion", "superres") else 0.0,
+                         "stages": self.earlier + [{"run": str(self.spec.run_dir), "steps": self.step,
+                                                    "minutes": round(self.seconds / 60, 1),
+                                                    "prediction": self.spec.prediction}]},
         }
         if kind in ("diffusion", "superres"):
             meta["diffusion_config"] = self.diffusion.to_dict()
@@ -277,18 +309,22 @@ def main(argv=None) -> None:
     parser.add_argument("--run_dir", type=Path, help="where the resumable state lives (default runs/<kind>)")
     parser.add_argument("--data", default="scenes", help="'scenes' (procedural renderer) or an image folder "
                         "with one sub-folder per class")
-    for field in ["seed", "batch", "steps"]:
+    for field in ["seed", "batch", "steps", "crop"]:
         parser.add_argument(f"--{field}", type=int, default=TrainSpec.__dataclass_fields__[field].default)
     for field in ["lr", "minutes", "ema", "label_dropout"]:
         parser.add_argument(f"--{field}", type=float, default=TrainSpec.__dataclass_fields__[field].default)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--prediction", choices=["v", "eps"], default="v",
+                        help="diffusion models: predict v (default) or eps")
+    parser.add_argument("--init_from", type=Path, help="start a new run from another run's state.pt (weights only)")
     parser.add_argument("--no_bf16", action="store_true", help="train in fp32")
     parser.add_argument("--export", type=Path, help="write the EMA weights to this .safetensors file when done")
     parser.add_argument("--export_only", action="store_true", help="export the run's current state without training")
     args = parser.parse_args(argv)
     spec = TrainSpec(kind=args.kind, run_dir=args.run_dir or Path("runs") / args.kind, data=args.data,
-                     seed=args.seed, batch=args.batch, lr=args.lr, steps=args.steps, minutes=args.minutes,
-                     ema=args.ema, label_dropout=args.label_dropout, bf16=not args.no_bf16, threads=args.threads)
+                     seed=args.seed, batch=args.batch, crop=args.crop, lr=args.lr, steps=args.steps, minutes=args.minutes,
+                     ema=args.ema, label_dropout=args.label_dropout, bf16=not args.no_bf16, threads=args.threads,
+                     prediction=args.prediction, init_from=args.init_from)
     trainer = Trainer(spec)
     if args.export_only:
         if not args.export:

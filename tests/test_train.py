@@ -209,3 +209,51 @@ def test_initial_weights_are_a_function_of_the_seed(tmp_path):
     c = weights(train.Trainer(spec("base", tmp_path / "c", seed=6)).model)
     assert_same(a, b, "same seed")
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point() and a[k].abs().sum() > 0)
+
+
+def test_diffusion_models_learn_v_by_default_and_sample_through_the_engine(tmp_path):
+    from explore.engine import Recipe, run
+    trainer = train.Trainer(spec("base", tmp_path / "run", steps=1))
+    trainer.train()
+    trainer.export(tmp_path / "ckpt" / "tiny_v.safetensors")
+    registry = ModelRegistry(tmp_path / "ckpt", device="cpu")
+    assert registry.get("tiny_v").diffusion.predict_v
+    final = run(Recipe(model="tiny_v", respacing="3", class_label=1, cfg_scale=2.0, batch_size=1), registry)
+    assert final.x.shape == (1, 3, 32, 32) and torch.isfinite(final.x).all()
+
+
+def test_v_target_is_sqrt_abar_eps_minus_sqrt_one_minus_abar_x0(tmp_path, monkeypatch):
+    # A network that outputs exactly the target has zero loss; the eps target is the noise itself.
+    seen = {}
+
+    def capture(self, x_t, t, y=None, **kw):
+        seen.update(x_t=x_t, t=t)
+        return torch.zeros_like(x_t)
+
+    for prediction in ("v", "eps"):
+        trainer = train.Trainer(spec("base", tmp_path / prediction, prediction=prediction))
+        monkeypatch.setattr(type(trainer.model), "forward", capture)
+        loss = trainer.loss(0)
+        x0, _ = trainer.data.images(0, 4)
+        a, b = trainer.sqrt_abar[seen["t"]].view(-1, 1, 1, 1), trainer.sqrt_1m_abar[seen["t"]].view(-1, 1, 1, 1)
+        noise = (seen["x_t"] - a * x0) / b
+        target = a * noise - b * x0 if prediction == "v" else noise
+        torch.testing.assert_close(loss, (target ** 2).mean(), rtol=1e-4, atol=1e-6)
+        monkeypatch.undo()
+
+
+def test_a_new_run_can_start_from_another_runs_weights_and_records_both(tmp_path):
+    first = train.Trainer(spec("base", tmp_path / "eps", steps=2, prediction="eps"))
+    first.train()
+    with pytest.raises(ValueError, match="--prediction eps"):
+        train.Trainer(spec("base", tmp_path / "eps", steps=3, prediction="v"))
+    second = train.Trainer(spec("base", tmp_path / "v", steps=1, init_from=tmp_path / "eps" / "state.pt"))
+    assert second.step == 0
+    assert_same(weights(second.model), weights(first.model), "initial weights")
+    second.train()
+    second.export(tmp_path / "ckpt" / "tuned.safetensors")
+    meta = json.loads((tmp_path / "ckpt" / "tuned.json").read_text())["training"]
+    assert meta["steps"] == 3 and [s["prediction"] for s in meta["stages"]] == ["eps", "v"]
+    assert [s["steps"] for s in meta["stages"]] == [2, 1]
+    resumed = train.Trainer(spec("base", tmp_path / "v", steps=2, init_from=tmp_path / "eps" / "state.pt"))
+    assert resumed.step == 1 and len(resumed.earlier) == 1  # an existing state wins over init_from

@@ -112,6 +112,7 @@ class DiffusionConfig(_JSONConfig):
     noise_schedule: str = "linear"  # 'linear' or 'cosine' beta schedule
     learn_sigma: bool = False  # model outputs v for a learned-range variance (6 channels)
     predict_xstart: bool = False  # model predicts x0 instead of epsilon
+    predict_v: bool = False  # model predicts v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022); built-in only
     timestep_respacing: str = ""  # default respacing ("" = all steps, "250", "ddim25", "10,15,20")
     rescale_timesteps: bool = False  # feed t * 1000 / T instead of t (False for every release)
 
@@ -120,6 +121,8 @@ class DiffusionConfig(_JSONConfig):
             raise ValueError(f"unknown beta schedule: {self.noise_schedule!r} (expected 'linear' or 'cosine')")
         if self.steps < 1:
             raise ValueError(f"diffusion steps must be positive, got {self.steps}")
+        if self.predict_v and self.predict_xstart:
+            raise ValueError("a model predicts x0 or v, not both")
 
 
 # ---------------------------------------------------------------------------
