@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 from explore.data.wild import WILD_PHOTO_NAMES  # noqa: E402
 from explore.samplers import SAMPLERS  # noqa: E402
-from explore.ui import plots, progress, trajectory  # noqa: E402
+from explore.ui import memory, plots, progress, trajectory  # noqa: E402
 from explore.ui.compare import COLUMNS, Comparison  # noqa: E402
 from explore.ui.context import AppContext, class_choices  # noqa: E402
 from explore.ui.cancel import stoppable  # noqa: E402
@@ -363,6 +363,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if os.environ.get("EXPLORE_THREADS"):
         torch.set_num_threads(int(os.environ["EXPLORE_THREADS"]))
+    memory.limit_arenas(2)  # with release_memory() after each run: less heap left behind by many threads
     checkpoints = args.checkpoints or os.environ.get("EXPLORE_CHECKPOINTS") or os.path.join(HERE, "checkpoints")
     ctx = AppContext.create(checkpoints, args.outputs, args.device)
     demo = build(ctx)

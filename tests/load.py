@@ -157,14 +157,15 @@ class Report:
     rss_before_mib: float = 0.0
     rss_after_mib: float = 0.0
     rss_growth_pct: float = 0.0
+    warmup_runs: int = 0
 
     def summary(self) -> str:
         return (f"{self.completed}/{self.runs} runs completed by {self.clients} concurrent streaming clients x "
                 f"{self.rounds} rounds in {self.wall_s:.1f} s; {self.identical_to_solo} identical to the same "
                 f"recipe run alone; {self.own_state} saw only their own session state; {len(self.errors)} errors. "
                 f"Latency p50 {self.p50_s:.2f} s, p95 {self.p95_s:.2f} s, max {self.max_s:.2f} s "
-                f"(alone: {self.solo_latency_s:.2f} s). Server RSS {self.rss_before_mib:.0f} -> "
-                f"{self.rss_after_mib:.0f} MiB ({self.rss_growth_pct:+.1f}%).")
+                f"(alone: {self.solo_latency_s:.2f} s). Server RSS after {self.warmup_runs} warm-up runs "
+                f"{self.rss_before_mib:.0f} -> {self.rss_after_mib:.0f} MiB ({self.rss_growth_pct:+.1f}%).")
 
 
 def steps_for(user: int, base: int) -> int:
@@ -172,8 +173,9 @@ def steps_for(user: int, base: int) -> int:
 
 
 def load_test(url: str, clients: int = 8, rounds: int = 2, steps: int = 4, server: Server | None = None,
-              downloads: Path | None = None, run_timeout: float = 120.0) -> Report:
-    """References alone first, then `clients` threads with their own sessions, `rounds` runs each."""
+              downloads: Path | None = None, run_timeout: float = 120.0, warmup: int = 1) -> Report:
+    """References alone first, a warm-up round, then `clients` threads with their own sessions, `rounds` runs
+    each; memory growth is measured from after the warm-up."""
     downloads = Path(downloads or tempfile.mkdtemp(prefix="explore-load-"))
     report = Report(clients, rounds)
     solo = client(url, downloads / "solo")
@@ -183,40 +185,51 @@ def load_test(url: str, clients: int = 8, rounds: int = 2, steps: int = 4, serve
         references[user] = images
         solo_times.append(seconds)
     report.solo_latency_s = float(np.median(solo_times))
-    before = server.rss_bytes() if server else 0
     lock = threading.Lock()
 
-    def user_thread(user: int) -> None:
+    users = {}
+
+    def user_thread(user: int, rounds: int, into: Report) -> None:
         try:
-            me = client(url, downloads / f"user{user}")
+            me = users[user] = users.get(user) or client(url, downloads / f"user{user}")
         except Exception as err:  # noqa: BLE001 - every failure is counted and reported
             with lock:
-                report.runs += rounds
-                report.errors.append(f"user {user}: cannot connect: {err!r}")
+                into.runs += rounds
+                into.errors.append(f"user {user}: cannot connect: {err!r}")
             return
         for _ in range(rounds):
             n = steps_for(user, steps)
             with lock:
-                report.runs += 1
+                into.runs += 1
             try:
                 seconds, images = run_once(me, sample_args(user, n), run_timeout)
                 mine = own_state(me, n)
             except Exception as err:  # noqa: BLE001
                 with lock:
-                    report.errors.append(f"user {user}: {type(err).__name__}: {err}")
+                    into.errors.append(f"user {user}: {type(err).__name__}: {err}")
                 continue
             with lock:
-                report.completed += 1
-                report.latencies.append(seconds)
-                report.identical_to_solo += bool(np.array_equal(images, references[user]))
-                report.own_state += mine
+                into.completed += 1
+                into.latencies.append(seconds)
+                into.identical_to_solo += bool(np.array_equal(images, references[user]))
+                into.own_state += mine
 
+    def concurrently(rounds: int, into: Report) -> None:
+        threads = [threading.Thread(target=user_thread, args=(user, rounds, into), daemon=True)
+                   for user in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    # a concurrent warm-up round (caches, thread pools) first: memory growth is measured from after it
+    warm = Report(clients, warmup)
+    concurrently(warmup, warm)
+    report.warmup_runs = warm.completed
+    report.errors += [f"warm-up: {e}" for e in warm.errors]
+    before = server.rss_bytes() if server else 0
     started = time.perf_counter()
-    threads = [threading.Thread(target=user_thread, args=(user,), daemon=True) for user in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    concurrently(rounds, report)
     report.wall_s = time.perf_counter() - started
     if report.latencies:
         report.p50_s, report.p95_s = (float(v) for v in np.percentile(report.latencies, [50, 95]))
@@ -235,18 +248,20 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="DDIM steps per run (users add 0-2)")
     parser.add_argument("--url", help="a running app (default: start one on loopback)")
     parser.add_argument("--checkpoints", help="model folder (default: ./checkpoints, stand-ins for missing models)")
-    parser.add_argument("--max-growth", type=float, default=10.0, help="fail above this RSS growth, percent")
+    parser.add_argument("--warmup", type=int, default=2, help="concurrent rounds before the memory baseline")
+    parser.add_argument("--max-growth", type=float, default=10.0, help="fail at this RSS growth or more, percent")
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="explore-load-") as tmp:
         tmp = Path(tmp)
         if args.url:
-            report = load_test(args.url, args.clients, args.rounds, args.steps, downloads=tmp / "downloads")
+            report = load_test(args.url, args.clients, args.rounds, args.steps, downloads=tmp / "downloads",
+                               warmup=args.warmup)
         else:
             checkpoints = Path(args.checkpoints) if args.checkpoints else _checkpoints(tmp / "checkpoints")
             with serve(checkpoints, tmp / "server") as server:
                 report = load_test(server.url, args.clients, args.rounds, args.steps, server,
-                                   tmp / "downloads")
+                                   tmp / "downloads", warmup=args.warmup)
     print(report.summary())
     for error in report.errors[:20]:
         print("  error:", error)

@@ -166,3 +166,50 @@ def test_models_are_shared_read_only(app_context):
         assert outputs[-1][2].startswith("Finished")
     assert app_context.registry.get(load.BASE) is entry and fingerprint(entry.module) == before
     assert torch.is_grad_enabled()  # the step iterator's no_grad did not leak into the caller
+
+
+def test_stoppable_ends_the_loop_between_yields_and_closes_the_generator():
+    """In-process: a cancelled request raises the stop flag at once; the loop ends after its current step and
+    the generator's finally runs, though the handler yields only once in a thousand steps."""
+    import asyncio
+    import threading
+
+    from explore.ui.cancel import stoppable
+    from explore.ui.session import Session
+
+    session, steps, closed = Session(), [], threading.Event()
+
+    def handler(session):
+        session.start("sample")
+        try:
+            for i in range(1000):
+                if session.stop["sample"]:  # as Plan.steps(should_stop=...) checks after every step
+                    return
+                time.sleep(0.02)
+                steps.append(i)
+                if i == 2:
+                    yield "first preview"
+            yield "never reached"
+        finally:
+            closed.set()
+
+    async def request():
+        run = stoppable("sample", handler)(session)
+        assert await run.__anext__() == "first preview"
+        pending = asyncio.ensure_future(run.__anext__())
+        await asyncio.sleep(0.2)
+        done_before = len(steps)
+        pending.cancel()  # what Gradio does on /cancel
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        return done_before
+
+    done_before = asyncio.run(request())
+    assert closed.wait(5), "the generator was not closed"
+    # at most the step in flight when the cancel came (and one more if that one ended while it was delivered)
+    assert session.stop["sample"] and len(steps) <= done_before + 2 < 1000
+
+
+def test_memory_helpers_are_safe_to_call():
+    from explore.ui import memory
+    assert isinstance(memory.release_memory(), bool) and isinstance(memory.limit_arenas(2), bool)

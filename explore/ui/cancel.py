@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from explore.ui.memory import release_memory
 from explore.ui.session import Session
 
 POLL_S = 0.05  # how often a waiting handler looks at its request
@@ -38,7 +39,11 @@ class _Runner:
             with self.lock:
                 self.busy = False
                 if self.abandoned:
-                    self.iterator.close()
+                    self._close()
+
+    def _close(self) -> None:
+        self.iterator.close()
+        release_memory()
 
     def submit(self, context: contextvars.Context) -> asyncio.Future:
         with self.lock:
@@ -48,8 +53,8 @@ class _Runner:
     def abandon(self) -> None:
         with self.lock:
             self.abandoned = True
-            if not self.busy:
-                self.iterator.close()
+            if not self.busy:  # off the event loop: the generator's finally and the trim may take a moment
+                _WORKERS.submit(self._close)
 
 
 def _event_alive() -> Callable[[], bool]:
