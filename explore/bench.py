@@ -10,8 +10,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from explore.denoisers import ADMDenoiser, Cond
 from explore.engine import Recipe, plan
 from explore.guidance import ClassifierGuidance
+from explore.machine import describe
 from explore.models import adm
 from explore.models.configs import classifier_config_from_flags, unet_config_from_flags
 from explore.models.presets import get_preset
@@ -70,12 +69,9 @@ def plain_attention():
     fused = adm.qkv_attention
 
     def naive(qkv, heads, new_order):
-        b, width, length = qkv.shape
-        d = width // (3 * heads)
-        if new_order:
-            q, k, v = qkv.reshape(b, 3, heads, d, length).unbind(1)
-        else:
-            q, k, v = qkv.reshape(b, heads, 3, d, length).unbind(2)
+        b, _, length = qkv.shape
+        q, k, v = adm.split_qkv(qkv, heads, new_order)
+        d = q.shape[2]
         scale = d ** -0.25
         weight = torch.einsum("bhct,bhcs->bhts", q * scale, k * scale)
         weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
@@ -284,20 +280,8 @@ def physical(registry: ModelRegistry) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "cuda": torch.cuda.is_available(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {**describe(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
-
-# --- report -----------------------------------------------------------------------------------
 
 def _ms(v: float) -> str:
     return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
@@ -311,8 +295,8 @@ def report(results: dict) -> str:
     r = results
     m = r["machine"]
     lines = ["# Benchmarks", "",
-             f"Produced by `{r['command']}` on {m['date']}: {m['cpu']}, {m['cores']} cores, "
-             f"{m['threads']} torch threads, torch {m['torch']}, CUDA {'yes' if m['cuda'] else 'no'}. "
+             f"Produced by `{r['command']}` on {m['date']}: {m['cpu']} ({m['cpu_capability']}), {m['logical_cores']} "
+             f"logical cores, {m['torch_threads']} torch threads, torch {m['torch']}, GPU {m.get('gpu', 'none')}. "
              f"Medians over {r['repeats']} interleaved repeats; ratios compare variants measured side by side "
              "in the same run.", "", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     b1 = r["builtin"]["b1"]

@@ -14,8 +14,6 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
-import platform
 import shlex
 import sys
 import time
@@ -30,6 +28,7 @@ from tqdm import tqdm
 from explore import metrics
 from explore.data import scenes
 from explore.engine import Recipe, plan
+from explore.machine import describe
 from explore.outputs import from_uint8, image_grid, to_uint8
 from explore.registry import ModelRegistry
 from explore.schedules import space_timesteps
@@ -327,22 +326,6 @@ def _fmt(metric: str, value) -> str:
     return FORMATS.get(metric, "{:.3g}").format(value)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def render_card(report: dict) -> str:
     s = report["settings"]
     m = report["machine"]
@@ -492,7 +475,7 @@ def evaluate(checkpoints: Path, out: Path, settings: EvalSettings, command: str,
         timing["upsampler"] = time.time() - tick
 
     out.mkdir(parents=True, exist_ok=True)
-    report = {"command": command, "date": date, "machine": machine(), "device": str(registry.device),
+    report = {"command": command, "date": date, "machine": describe(), "device": str(registry.device),
               "settings": asdict(settings), "models": models, "missing": missing}
     if sweep is not None:
         _sample_grid(sweep).save(out / "model_card_samples.png")

@@ -57,6 +57,15 @@ def populate(folder: Path, names=tuple(MODELS)) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: the machine is shared, and tiny models gain nothing from two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def app_checkpoints(tmp_path_factory) -> Path:
     """Every model kind the app uses (real files where they exist)."""

@@ -18,13 +18,7 @@ from tiny_models import CLASSES, SIZE, SMALL
 SHAPE = (3, SIZE, SIZE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the machine is shared, and these tiny models gain nothing from two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ from explore.schedules import space_timesteps
 import tiny_models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the machine is shared, and these tiny models gain nothing from two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base_betas(name: str, steps: int = 1000) -> np.ndarray:

@@ -117,14 +117,19 @@ def qkv_attention(qkv: torch.Tensor, heads: int, new_order: bool) -> torch.Tenso
     Channel layout of qkv: new order = [q | k | v], each head-major; legacy order =
     per head [q_h | k_h | v_h].
     """
+    b, _, length = qkv.shape
+    q, k, v = split_qkv(qkv, heads, new_order)
+    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    return out.transpose(-1, -2).reshape(b, -1, length)
+
+
+def split_qkv(qkv: torch.Tensor, heads: int, new_order: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, 3*H*d, T] -> q, k, v each [B, H, d, T], for either channel layout."""
     b, width, length = qkv.shape
     d = width // (3 * heads)
     if new_order:
-        q, k, v = qkv.reshape(b, 3, heads, d, length).unbind(1)
-    else:
-        q, k, v = qkv.reshape(b, heads, 3, d, length).unbind(2)
-    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-    return out.transpose(-1, -2).reshape(b, heads * d, length)
+        return qkv.reshape(b, 3, heads, d, length).unbind(1)
+    return qkv.reshape(b, heads, 3, d, length).unbind(2)
 
 
 def legacy_to_new_qkv(param: torch.Tensor, heads: int) -> torch.Tensor:

@@ -248,10 +248,8 @@ def _attention_ds(resolutions: str, image_size: int) -> tuple[int, ...]:
     return tuple(image_size // int(r) for r in resolutions.split(",") if r.strip())
 
 
-def unet_config_from_flags(flags: Mapping[str, Any] | None = None) -> UNetConfig:
-    """UNetConfig as create_model builds it from the official flags."""
-    f = resolve_flags(flags, MODEL_DEFAULTS)
-    size = f["image_size"]
+def _unet_config(f: Mapping[str, Any], size: int, channel_mult: tuple[float, ...], **extra) -> UNetConfig:
+    """The UNetConfig fields create_model and sr_create_model share, from resolved flags."""
     return UNetConfig(
         image_size=size,
         in_channels=3,
@@ -260,41 +258,33 @@ def unet_config_from_flags(flags: Mapping[str, Any] | None = None) -> UNetConfig
         num_res_blocks=f["num_res_blocks"],
         attention_ds=_attention_ds(f["attention_resolutions"], size),
         dropout=f["dropout"],
-        channel_mult=_channel_mult(f["channel_mult"], size, CHANNEL_MULT_BY_SIZE, "image size"),
+        channel_mult=channel_mult,
         num_classes=NUM_IMAGENET_CLASSES if f["class_cond"] else None,
         use_scale_shift_norm=f["use_scale_shift_norm"],
         resblock_updown=f["resblock_updown"],
         num_heads=f["num_heads"],
         num_head_channels=f["num_head_channels"],
         num_heads_upsample=f["num_heads_upsample"],
-        use_new_attention_order=f["use_new_attention_order"],
         use_fp16=f["use_fp16"],
+        **extra,
     )
+
+
+def unet_config_from_flags(flags: Mapping[str, Any] | None = None) -> UNetConfig:
+    """UNetConfig as create_model builds it from the official flags."""
+    f = resolve_flags(flags, MODEL_DEFAULTS)
+    size = f["image_size"]
+    return _unet_config(f, size, _channel_mult(f["channel_mult"], size, CHANNEL_MULT_BY_SIZE, "image size"),
+                        use_new_attention_order=f["use_new_attention_order"])
 
 
 def superres_config_from_flags(flags: Mapping[str, Any] | None = None) -> UNetConfig:
     """UNetConfig (super_res=True) as sr_create_model builds it; small_size is not architecture."""
     f = resolve_flags(flags, SUPERRES_DEFAULTS)
     size = f["large_size"]
-    return UNetConfig(
-        image_size=size,
-        in_channels=3,
-        model_channels=f["num_channels"],
-        out_channels=6 if f["learn_sigma"] else 3,
-        num_res_blocks=f["num_res_blocks"],
-        attention_ds=_attention_ds(f["attention_resolutions"], size),
-        dropout=f["dropout"],
-        channel_mult=_channel_mult("", size, SUPERRES_CHANNEL_MULT_BY_SIZE, "large size"),
-        num_classes=NUM_IMAGENET_CLASSES if f["class_cond"] else None,
-        use_scale_shift_norm=f["use_scale_shift_norm"],
-        resblock_updown=f["resblock_updown"],
-        num_heads=f["num_heads"],
-        num_head_channels=f["num_head_channels"],
-        num_heads_upsample=f["num_heads_upsample"],
-        use_new_attention_order=False,  # sr_create_model has no such argument
-        use_fp16=f["use_fp16"],
-        super_res=True,
-    )
+    # sr_create_model has no use_new_attention_order argument: always the legacy order
+    return _unet_config(f, size, _channel_mult("", size, SUPERRES_CHANNEL_MULT_BY_SIZE, "large size"),
+                        use_new_attention_order=False, super_res=True)
 
 
 def classifier_config_from_flags(flags: Mapping[str, Any] | None = None) -> ClassifierConfig:
