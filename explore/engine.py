@@ -350,11 +350,15 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
 
 
 def _adm(loaded, precision, device, eval_batch: int | None) -> ADMDenoiser:
-    network = FixedBatch(loaded.module, eval_batch) if eval_batch else loaded.module
+    module, channels_last = loaded.module, device.type == "cuda"
+    if device.type == "cpu" and precision == torch.bfloat16 and hasattr(module, "convert_torso"):
+        # CPU bf16: a bf16 torso, channels-last (oneDNN's AMX/AVX-512 bf16 convs), norms and head in fp32
+        module, precision, channels_last = loaded.torso_in(torch.bfloat16), None, True
+    network = FixedBatch(module, eval_batch) if eval_batch else module
     diffusion = loaded.diffusion
     v_schedule = Schedule.named(diffusion.noise_schedule, diffusion.steps) if diffusion.predict_v else None
     return ADMDenoiser(network, diffusion.learn_sigma, class_cond=loaded.num_labels is not None,
-                       precision=precision, channels_last=device.type == "cuda", v_schedule=v_schedule)
+                       precision=precision, channels_last=channels_last, v_schedule=v_schedule)
 
 
 def iterate(recipe: Recipe, registry, noise: NoiseSource | None = None, low_res: torch.Tensor | None = None,

@@ -1,6 +1,7 @@
 """Models shared read-only between requests: found in checkpoints/, loaded once, never swapped."""
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,20 @@ class Entry:
 
     def __init__(self, info: ModelInfo, loaded: LoadedModel):
         self.info, self.loaded = info, loaded
+        self._variants: dict[torch.dtype, torch.nn.Module] = {}
+        self._variants_lock = threading.Lock()
+
+    def torso_in(self, dtype: torch.dtype) -> torch.nn.Module:
+        """A read-only copy whose torso convolutions hold `dtype` weights, channels-last, made once.
+
+        The CPU path for bf16 runs: casting the weights on every call (autocast) costs more than the convs gain.
+        """
+        with self._variants_lock:
+            if dtype not in self._variants:
+                module = copy.deepcopy(self.loaded.module)
+                module.convert_torso(dtype)
+                self._variants[dtype] = module.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+            return self._variants[dtype]
 
     def __getattr__(self, item: str) -> Any:
         if item in ModelInfo.__dataclass_fields__:

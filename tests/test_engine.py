@@ -2,6 +2,8 @@
 precision, batch independence and noise replay."""
 import math
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -171,6 +173,20 @@ def test_reduced_precision_runs_on_cpu_and_stays_close(registry, precision, min_
     assert reduced.dtype == torch.float32 and torch.isfinite(reduced).all()
     assert 0 < (reduced - reference).abs().max()  # the reduced path really ran
     assert value > min_psnr
+
+
+def test_bf16_on_cpu_runs_a_cached_bf16_torso_copy_and_leaves_the_shared_model_alone(registry):
+    entry = registry.get("tiny_cond")
+    recipe = Recipe(model="tiny_cond", class_label=1, sampler="ddim", respacing="4", seed=3, batch_size=3,
+                    precision="bf16", cfg_scale=2.0)
+    first = final(recipe, registry)
+    torso = entry.torso_in(torch.bfloat16)
+    assert torso is not entry.module and entry.torso_in(torch.bfloat16) is torso
+    assert entry.module.input_blocks[0][0].weight.dtype == torch.float32  # the shared fp32 model is untouched
+    assert torso.input_blocks[0][0].weight.dtype == torch.bfloat16 and torso.out[-1].weight.dtype == torch.float32
+    assert torso.input_blocks[1][0].in_layers[2].weight.is_contiguous(memory_format=torch.channels_last)
+    one = final(replace(recipe, batch_size=1, seed=5), registry)
+    assert torch.equal(first[2:], one)  # still batch-invariant
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "euler_a"])
