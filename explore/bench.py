@@ -130,9 +130,9 @@ def builtin_sampling(registry: ModelRegistry, repeats: int, batches=(1, 16)) -> 
                 recipe = Recipe(model="scenes32_base", class_label=0, sampler="ddim", respacing="50",
                                 batch_size=batch, precision=precision, **extra)
                 variants[f"{label}/{precision}"] = lambda r=recipe: _drain(plan(r, registry))
-            recipe = Recipe(model="scenes32_base", class_label=0, sampler="ddim", respacing="50",
-                            batch_size=batch, **extra)
-            variants[f"{label}/plain"] = lambda r=recipe: _plain(lambda: _drain(plan(r, registry)))
+            if batch == 1:
+                recipe = Recipe(model="scenes32_base", class_label=0, sampler="ddim", respacing="50", **extra)
+                variants[f"{label}/plain"] = lambda r=recipe: _plain(lambda: _drain(plan(r, registry)))
         out[f"b{batch}"] = interleaved(variants, repeats)
     return out
 
@@ -150,12 +150,17 @@ def _plain(fn):
 
 
 def diffusers_peer(registry: ModelRegistry, repeats: int) -> dict:
-    """diffusers' DDIMScheduler loop driving the same built-in weights vs the engine's DDIM."""
+    """diffusers' DDIMScheduler loop driving the same built-in weights vs the engine's DDIM (batch 1).
+
+    The engine is timed as the app runs it (batch-invariant: networks see chunks of 2 rows, so one unguided image
+    costs two rows) and with batch_invariant=False (one row, as diffusers).
+    """
     from diffusers import DDIMScheduler
     entry = registry.get("scenes32_base")
     module = entry.module
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
-                          set_alpha_to_one=True, timestep_spacing="leading", prediction_type="epsilon")
+                          set_alpha_to_one=True, timestep_spacing="leading",
+                          prediction_type="v_prediction" if entry.diffusion.predict_v else "epsilon")
     sched.set_timesteps(50)
     labels = torch.zeros(1, dtype=torch.int64)
 
@@ -168,7 +173,9 @@ def diffusers_peer(registry: ModelRegistry, repeats: int) -> dict:
         return x
 
     recipe = Recipe(model="scenes32_base", class_label=0, sampler="ddim", respacing="ddim50")
-    return interleaved({"engine": lambda: _drain(plan(recipe, registry)), "diffusers_ddim": diffusers_loop}, repeats)
+    return interleaved({"engine": lambda: _drain(plan(recipe, registry)),
+                        "engine_one_row": lambda: _drain(plan(recipe, registry, batch_invariant=False)),
+                        "diffusers_ddim": diffusers_loop}, repeats)
 
 
 def adm_loops(repeats: int) -> dict:
@@ -248,25 +255,27 @@ def guided_step_cost(registry: ModelRegistry, repeats: int) -> dict:
 
 
 def streaming(registry: ModelRegistry, repeats: int) -> dict:
-    """The app's streaming path: previews (uint8 frames of x_t and pred_x0) every step vs none."""
-    from explore.outputs import to_uint8
+    """The app's own Live-sampling handler (50 DDIM steps, CFG 3): a preview every step vs only the final one.
 
-    recipe = Recipe(model="scenes32_base", class_label=0, sampler="ddim", respacing="50", cfg_scale=3.0)
+    Both variants write the same results (PNGs, .npz, trajectory); the difference is the streaming itself.
+    """
+    import tempfile
+    from explore.ui.context import AppContext
+    from explore.ui.sampling import Sampler
+    from explore.ui.session import Session
+
+    ctx = AppContext.create(registry.root, tempfile.mkdtemp(prefix="bench-"), device=str(registry.device))
+    ctx.registry = registry
+    handler = Sampler(ctx)
 
     def run(every: int):
         frames = 0
-        for step in plan(recipe, registry).steps():
-            if every and step.index % every == 0:
-                to_uint8(step.x), to_uint8(step.pred_x0)
-                frames += 1
+        for _ in handler.run("scenes32_base", "alpine", "ddim", "50", False, None, 0.0, 3.0, "standard", 0.0,
+                             0.0, 0, 1, every, Session()):
+            frames += 1
         return frames
 
-    try:  # the app's own preview handler, when the UI package provides one
-        from explore.ui.sampling import preview_overhead_variants  # type: ignore
-        variants = preview_overhead_variants(registry)
-    except Exception:
-        variants = {"previews_every_step": lambda: run(1), "no_previews": lambda: run(0)}
-    return interleaved(variants, repeats)
+    return interleaved({"previews_every_step": lambda: run(1), "final_preview_only": lambda: run(10_000)}, repeats)
 
 
 def physical(registry: ModelRegistry) -> dict:
@@ -395,6 +404,7 @@ def main(argv=None) -> None:
     results = {"machine": machine(), "repeats": repeats,
                "command": "python -m explore.bench" + (" --quick" if args.quick else "")}
     batches = (1,) if args.quick else (1, 16)
+    torch.manual_seed(0)
     steps = [("builtin", lambda: builtin_sampling(registry, repeats, batches)),
              ("diffusers", lambda: diffusers_peer(registry, repeats)),
              ("guided_step", lambda: guided_step_cost(registry, repeats)),
