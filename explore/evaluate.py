@@ -154,7 +154,8 @@ def model_facts(registry: ModelRegistry, names=MODELS) -> tuple[dict, dict]:
             "classes": entry.class_names,
             "training": entry.loaded.metadata.get("training"),
             "diffusion": None if diffusion is None else {"steps": diffusion.steps,
-                                                         "noise_schedule": diffusion.noise_schedule},
+                                                         "noise_schedule": diffusion.noise_schedule,
+                                                         "prediction": "v" if diffusion.predict_v else "eps"},
         }
     return facts, missing
 
@@ -351,13 +352,21 @@ def render_card(report: dict) -> str:
     lines += ["", f"The trade-off bar compares the smallest with the largest scale for each of "
               f"{', '.join(TRADE_OFF)}; the sweep tables show every scale."]
 
-    lines += ["", "## Models", "", "| model | kind | parameters | training steps | batch | images seen | "
-              "CPU minutes | data | seed |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    lines += ["", "## Models", "", "| model | kind | parameters | output | training steps | batch | images seen | "
+              "CPU minutes | data | seed |", "|---|---|---:|---|---:|---:|---:|---:|---|---:|"]
+    staged = []
     for name, f in report["models"].items():
         t = f.get("training") or {}
-        lines.append(f"| {name} | {f['kind']} | {f['parameters']:,} | {t.get('steps', '-')} | "
+        diffusion = f.get("diffusion")
+        output = f"{diffusion['noise_schedule']}, {diffusion.get('prediction', 'eps')}" if diffusion else "logits"
+        lines.append(f"| {name} | {f['kind']} | {f['parameters']:,} | {output} | {t.get('steps', '-')} | "
                      f"{t.get('batch_size', '-')} | {t.get('images_seen', '-')} | {t.get('cpu_minutes', '-')} | "
                      f"{t.get('data', '-')} | {t.get('seed', '-')} |")
+        if len(t.get("stages") or ()) > 1:
+            staged.append(f"{name}: " + ", then ".join(f"{st['steps']} steps predicting {st['prediction']} "
+                                                        f"({st['minutes']} min)" for st in t["stages"]))
+    if staged:
+        lines += ["", "Trained in stages (a later stage starts from the earlier weights): " + "; ".join(staged) + "."]
 
     sweep = report["guidance_sweep"]
     if sweep is not None:

@@ -54,7 +54,9 @@ def test_quick_run_writes_the_card_and_the_json(quick_run, checkpoints):
     assert set(report["models"]) == set(evaluate.MODELS)
     for name, facts in report["models"].items():
         assert facts["training"]["steps"] == 0 and facts["parameters"] > 0
-        assert f"| {name} | {facts['kind']} | {facts['parameters']:,} | 0 |" in card
+        output = (f"{facts['diffusion']['noise_schedule']}, {facts['diffusion']['prediction']}"
+                  if facts["diffusion"] else "logits")
+        assert f"| {name} | {facts['kind']} | {facts['parameters']:,} | {output} | 0 |" in card
 
 
 def test_quick_run_sweeps_every_scale_with_balanced_classes(quick_run):
