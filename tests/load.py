@@ -65,9 +65,10 @@ def serve(checkpoints: Path, workdir: Path, env: dict | None = None, timeout: fl
     """Start the app with `checkpoints` (and extra environment); stop it afterwards."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    full_env = dict(os.environ, EXPLORE_CHECKPOINTS=str(checkpoints), GRADIO_ANALYTICS_ENABLED="False",
-                    GRADIO_TEMP_DIR=str(workdir / "gradio"), EXPLORE_THREADS="1", OMP_NUM_THREADS="1",
-                    EXPLORE_OUTPUTS=str(workdir / "runs"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **(env or {}))
+    full_env = {**os.environ, "EXPLORE_CHECKPOINTS": str(checkpoints), "GRADIO_ANALYTICS_ENABLED": "False",
+                "GRADIO_TEMP_DIR": str(workdir / "gradio"), "EXPLORE_THREADS": "1", "OMP_NUM_THREADS": "1",
+                "EXPLORE_OUTPUTS": str(workdir / "runs"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+                **(env or {})}
     log_path = workdir / "server.log"
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
@@ -158,6 +159,7 @@ class Report:
     rss_after_mib: float = 0.0
     rss_growth_pct: float = 0.0
     warmup_runs: int = 0
+    rss_trace_mib: list[float] = field(default_factory=list)  # server RSS every few seconds of the measured part
 
     def summary(self) -> str:
         return (f"{self.completed}/{self.runs} runs completed by {self.clients} concurrent streaming clients x "
@@ -229,7 +231,17 @@ def load_test(url: str, clients: int = 8, rounds: int = 2, steps: int = 4, serve
     report.errors += [f"warm-up: {e}" for e in warm.errors]
     before = server.rss_bytes() if server else 0
     started = time.perf_counter()
+    done = threading.Event()
+
+    def trace() -> None:
+        while server and not done.wait(2.0):
+            report.rss_trace_mib.append(round(server.rss_bytes() / 2 ** 20, 1))
+
+    tracer = threading.Thread(target=trace, daemon=True)
+    tracer.start()
     concurrently(rounds, report)
+    done.set()
+    tracer.join()
     report.wall_s = time.perf_counter() - started
     if report.latencies:
         report.p50_s, report.p95_s = (float(v) for v in np.percentile(report.latencies, [50, 95]))
