@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from explore.schedules import Schedule
@@ -56,17 +57,24 @@ class ADMDenoiser:
     """Adapter for ADM-style UNets (official checkpoints and the built-in family).
 
     The network returns eps (3 channels) or eps + learned-range values (6 channels). Given `v_schedule` (the
-    full training schedule), it returns v instead, turned into eps = sqrt(abar) v + sqrt(1 - abar) x_t.
+    full training schedule), it returns v instead, turned into eps = sqrt(abar) v + sqrt(1 - abar) x_t. With
+    `low_res_skip` (super-resolution) that v is the residual's: x0 = bicubic(low_res) + the network's x0, so at
+    high noise a network that outputs zero already predicts the bicubic upsampling (a skip connection in the
+    spirit of Karras et al. 2022's c_skip); the diffusion itself stays in image space, so every sampler and
+    guidance applies unchanged.
     """
 
     def __init__(self, module: torch.nn.Module, learn_sigma: bool, class_cond: bool = True,
                  precision: torch.dtype | None = None, channels_last: bool = False,
-                 v_schedule: Schedule | None = None):
+                 v_schedule: Schedule | None = None, low_res_skip: bool = False):
         self.module = module
         self.learn_sigma, self.class_cond = learn_sigma, class_cond
         self.precision = precision
         self.channels_last = channels_last
         self.v_schedule = v_schedule
+        if low_res_skip and v_schedule is None:
+            raise ValueError("low_res_skip needs a v-prediction model (v_schedule)")
+        self.low_res_skip = low_res_skip
 
     @property
     def device(self) -> torch.device:
@@ -84,7 +92,12 @@ class ADMDenoiser:
             out, var_values = out.split(x.shape[1], dim=1)
             var_values = var_values.contiguous()
         if self.v_schedule is not None:
-            out = eps_from_v(out, x, alpha_bar_at(self.v_schedule, t))
+            abar = alpha_bar_at(self.v_schedule, t)
+            if self.low_res_skip:
+                # v = sqrt(abar) eps - sqrt(1 - abar) (skip + r0) = v_r - sqrt(1 - abar) skip
+                skip = upsampled(cond.low_res, x.shape[-2:])
+                out = out - (1 - abar).to(x.dtype).clamp(min=0).sqrt().view(-1, 1, 1, 1) * skip
+            out = eps_from_v(out, x, abar)
         return Prediction(out.contiguous(), var_values)
 
 
@@ -101,6 +114,11 @@ def alpha_bar_at(schedule: Schedule, t: Tensor) -> Tensor:
     frac = tt - low
     log_sigma = torch.lerp(log_sigmas[low], log_sigmas[high], frac)
     return torch.sigmoid(-2 * log_sigma)  # 1 / (1 + sigma^2)
+
+
+def upsampled(low_res: Tensor, size) -> Tensor:
+    """The skip of low-res-skip upsamplers: bicubic to `size`, clamped to [-1, 1]."""
+    return F.interpolate(low_res.float(), size=tuple(size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 def eps_from_v(v: Tensor, x: Tensor, abar: Tensor) -> Tensor:

@@ -358,7 +358,8 @@ def _adm(loaded, precision, device, eval_batch: int | None) -> ADMDenoiser:
     diffusion = loaded.diffusion
     v_schedule = Schedule.named(diffusion.noise_schedule, diffusion.steps) if diffusion.predict_v else None
     return ADMDenoiser(network, diffusion.learn_sigma, class_cond=loaded.num_labels is not None,
-                       precision=precision, channels_last=channels_last, v_schedule=v_schedule)
+                       precision=precision, channels_last=channels_last, v_schedule=v_schedule,
+                       low_res_skip=diffusion.low_res_skip)
 
 
 def iterate(recipe: Recipe, registry, noise: NoiseSource | None = None, low_res: torch.Tensor | None = None,

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from explore.denoisers import upsampled
 from explore.models.adm import EncoderUNetModel, UNetModel
 from explore.models.configs import ClassifierConfig, DiffusionConfig, UNetConfig
 from explore.models.evaluator import EvalClassifier, EvalClassifierConfig
@@ -126,6 +127,7 @@ class TrainSpec:
     crop: int = 32  # upsampler: high-res crop size
     threads: int = 0
     prediction: str = "v"  # base/upsampler network output: "v" (Salimans & Ho 2022) or "eps" (as ADM)
+    low_res_skip: bool = True  # upsampler with v: predict the residual over a bicubic upsampling of the input
     init_from: Path | None = None  # a new run starts from this run's weights (e.g. runs/base/state.pt)
 
 
@@ -162,7 +164,8 @@ class Trainer:
         if spec.prediction not in ("v", "eps"):
             raise ValueError(f"prediction must be 'v' or 'eps', got {spec.prediction!r}")
         diffusion = UPSAMPLER_DIFFUSION if spec.kind == "upsampler" else DIFFUSION
-        self.diffusion = replace(diffusion, predict_v=spec.prediction == "v")
+        self.diffusion = replace(diffusion, predict_v=spec.prediction == "v",
+                                 low_res_skip=spec.kind == "upsampler" and spec.prediction == "v" and spec.low_res_skip)
         schedule = Schedule.named(self.diffusion.noise_schedule, self.diffusion.steps)
         self.sqrt_abar = torch.from_numpy(schedule.sqrt_alphas_cumprod).float().to(self.device)
         self.sqrt_1m_abar = torch.from_numpy(schedule.sqrt_one_minus_alphas_cumprod).float().to(self.device)
@@ -181,6 +184,9 @@ class Trainer:
         self.step, self.seconds = int(state["step"]), float(state["seconds"])
         self.earlier = json.loads(state.get("earlier", "[]"))
         recorded = state.get("prediction", "eps")
+        if state.get("low_res_skip", False) != self.diffusion.low_res_skip:
+            raise ValueError(f"{self.state_path} was trained with low_res_skip={state.get('low_res_skip', False)}; "
+                             f"start a new --run_dir with --init_from {self.state_path} to change it")
         if self.spec.kind in ("base", "upsampler") and recorded != self.spec.prediction:
             raise ValueError(f"{self.state_path} was trained with --prediction {recorded}; resume it with the same, "
                              f"or start a new --run_dir with --init_from {self.state_path}")
@@ -199,6 +205,7 @@ class Trainer:
         tmp = self.state_path.with_suffix(".tmp")
         torch.save({"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                     "step": self.step, "seconds": self.seconds, "prediction": self.spec.prediction,
+                    "low_res_skip": self.diffusion.low_res_skip,
                     "earlier": json.dumps(self.earlier)}, tmp)
         os.replace(tmp, self.state_path)
         (self.spec.run_dir / "progress.json").write_text(json.dumps(
@@ -228,7 +235,8 @@ class Trainer:
         kwargs = {"low_res": low_res.to(self.device)} if spec.kind == "upsampler" else {}
         out = self.model(x_t, t, y=labels, **kwargs).float()
         if spec.prediction == "v":
-            target = self.sqrt_abar[t].view(-1, 1, 1, 1) * noise - self.sqrt_1m_abar[t].view(-1, 1, 1, 1) * x0
+            clean = x0 - upsampled(kwargs["low_res"], x0.shape[-2:]) if self.diffusion.low_res_skip else x0
+            target = self.sqrt_abar[t].view(-1, 1, 1, 1) * noise - self.sqrt_1m_abar[t].view(-1, 1, 1, 1) * clean
         else:
             target = noise
         return F.mse_loss(out, target)
@@ -316,6 +324,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--prediction", choices=["v", "eps"], default="v",
                         help="diffusion models: predict v (default) or eps")
+    parser.add_argument("--no_low_res_skip", action="store_true",
+                        help="upsampler: predict the image itself, not its residual over bicubic upsampling")
     parser.add_argument("--init_from", type=Path, help="start a new run from another run's state.pt (weights only)")
     parser.add_argument("--no_bf16", action="store_true", help="train in fp32")
     parser.add_argument("--export", type=Path, help="write the EMA weights to this .safetensors file when done")
@@ -324,7 +334,7 @@ def main(argv=None) -> None:
     spec = TrainSpec(kind=args.kind, run_dir=args.run_dir or Path("runs") / args.kind, data=args.data,
                      seed=args.seed, batch=args.batch, crop=args.crop, lr=args.lr, steps=args.steps, minutes=args.minutes,
                      ema=args.ema, label_dropout=args.label_dropout, bf16=not args.no_bf16, threads=args.threads,
-                     prediction=args.prediction, init_from=args.init_from)
+                     prediction=args.prediction, init_from=args.init_from, low_res_skip=not args.no_low_res_skip)
     trainer = Trainer(spec)
     if args.export_only:
         if not args.export:

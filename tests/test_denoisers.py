@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from explore.denoisers import ADMDenoiser, Cond, alpha_bar_at
+from explore.denoisers import ADMDenoiser, Cond, alpha_bar_at, upsampled
 from explore.samplers import Grid
 from explore.schedules import Schedule
 from tests.test_samplers import SHAPE, GaussianDenoiser, run
@@ -52,3 +52,41 @@ def test_sampling_a_v_network_follows_the_exact_ode(sampler, name, respacing, ka
     _, steps = run(sampler, denoiser, grid)
     _, reference = run(sampler, GaussianDenoiser(grid.base), grid)
     torch.testing.assert_close(steps[-1].x, reference[-1].x, atol=1e-4, rtol=1e-4)
+
+
+class ResidualVNetwork(GaussianVNetwork):
+    """The same exact denoiser, but reporting v of the residual over the bicubic skip: v_r = v + sqrt(1-abar) skip."""
+
+    def forward(self, x, t, y=None, low_res=None):
+        abar = self.exact.abar(t)
+        return super().forward(x, t, y) + (1 - abar).sqrt() * upsampled(low_res, x.shape[-2:])
+
+
+def test_low_res_skip_adds_the_bicubic_upsampling_back():
+    schedule = Schedule.named("linear", 1000)
+    network = ResidualVNetwork(schedule)
+    denoiser = ADMDenoiser(network, learn_sigma=False, class_cond=False, v_schedule=schedule, low_res_skip=True)
+    exact = GaussianDenoiser(schedule)
+    g = torch.Generator().manual_seed(1)
+    x, low_res = torch.randn(4, *SHAPE, generator=g), torch.rand(4, 3, 2, 2, generator=g) * 2 - 1
+    t = torch.tensor([0, 300, 800, 999])
+    cond = Cond(low_res=low_res)
+    torch.testing.assert_close(denoiser(x, t, cond).eps, exact(x, t, Cond()).eps, atol=2e-5, rtol=1e-4)
+    # at the highest noise level an all-zero network output means "no residual": x0 is the bicubic upsampling
+    zero = ADMDenoiser(ZeroNetwork(), learn_sigma=False, class_cond=False, v_schedule=schedule, low_res_skip=True)
+    top = torch.full((4,), 999)
+    abar = alpha_bar_at(schedule, top).view(-1, 1, 1, 1).float()
+    eps = zero(x, top, cond).eps
+    x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    torch.testing.assert_close(x0, upsampled(low_res, SHAPE[1:]), atol=0.03, rtol=0)
+    with pytest.raises(ValueError, match="v-prediction"):
+        ADMDenoiser(network, learn_sigma=False, low_res_skip=True)
+
+
+class ZeroNetwork(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, y=None, low_res=None):
+        return torch.zeros_like(x)

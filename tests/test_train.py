@@ -257,3 +257,33 @@ def test_a_new_run_can_start_from_another_runs_weights_and_records_both(tmp_path
     assert [s["steps"] for s in meta["stages"]] == [2, 1]
     resumed = train.Trainer(spec("base", tmp_path / "v", steps=2, init_from=tmp_path / "eps" / "state.pt"))
     assert resumed.step == 1 and len(resumed.earlier) == 1  # an existing state wins over init_from
+
+
+def test_upsampler_learns_the_residual_over_bicubic_by_default(tmp_path, monkeypatch):
+    from explore.denoisers import upsampled
+    seen = {}
+
+    def capture(self, x_t, t, y=None, low_res=None, **kw):
+        seen.update(x_t=x_t, t=t, low_res=low_res)
+        return torch.zeros_like(x_t)
+
+    trainer = train.Trainer(spec("upsampler", tmp_path / "up"))
+    assert trainer.diffusion.predict_v and trainer.diffusion.low_res_skip
+    monkeypatch.setattr(type(trainer.model), "forward", capture)
+    loss = trainer.loss(0)
+    x0, low_res, _ = trainer.data.pairs(0, 4, 16, 4)
+    a, b = trainer.sqrt_abar[seen["t"]].view(-1, 1, 1, 1), trainer.sqrt_1m_abar[seen["t"]].view(-1, 1, 1, 1)
+    noise = (seen["x_t"] - a * x0) / b
+    target = a * noise - b * (x0 - upsampled(low_res, x0.shape[-2:]))
+    torch.testing.assert_close(loss, (target ** 2).mean(), rtol=1e-4, atol=1e-6)
+    monkeypatch.undo()
+    trainer.train()
+    trainer.export(tmp_path / "ckpt" / "tiny_up.safetensors")
+    registry = ModelRegistry(tmp_path / "ckpt", device="cpu")
+    assert registry.get("tiny_up").diffusion.low_res_skip
+    from explore.engine import Recipe, run
+    low = torch.rand(3, 3, 32, 32) * 2 - 1
+    final = run(Recipe(model="tiny_up", respacing="2", batch_size=3, class_label=2), registry, low_res=low)
+    assert final.x.shape == (3, 3, 128, 128) and torch.isfinite(final.x).all()
+    no_skip = train.Trainer(spec("upsampler", tmp_path / "plain", low_res_skip=False))
+    assert no_skip.diffusion.predict_v and not no_skip.diffusion.low_res_skip

@@ -113,6 +113,7 @@ class DiffusionConfig(_JSONConfig):
     learn_sigma: bool = False  # model outputs v for a learned-range variance (6 channels)
     predict_xstart: bool = False  # model predicts x0 instead of epsilon
     predict_v: bool = False  # model predicts v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022); built-in only
+    low_res_skip: bool = False  # super-res, v only: x0 = bicubic(low_res) + the network's x0 (built-in only)
     timestep_respacing: str = ""  # default respacing ("" = all steps, "250", "ddim25", "10,15,20")
     rescale_timesteps: bool = False  # feed t * 1000 / T instead of t (False for every release)
 
@@ -123,6 +124,8 @@ class DiffusionConfig(_JSONConfig):
             raise ValueError(f"diffusion steps must be positive, got {self.steps}")
         if self.predict_v and self.predict_xstart:
             raise ValueError("a model predicts x0 or v, not both")
+        if self.low_res_skip and not self.predict_v:
+            raise ValueError("low_res_skip needs predict_v")
 
 
 # ---------------------------------------------------------------------------
