@@ -1,7 +1,6 @@
 """Models shared read-only between requests: found in checkpoints/, loaded once, never swapped."""
 from __future__ import annotations
 
-import copy
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +64,7 @@ class Entry:
         """
         with self._variants_lock:
             if dtype not in self._variants:
-                module = copy.deepcopy(self.loaded.module)
-                module.convert_torso(dtype)
-                self._variants[dtype] = module.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+                self._variants[dtype] = self.loaded.module.torso_copy(dtype)
             return self._variants[dtype]
 
     def __getattr__(self, item: str) -> Any:

@@ -8,6 +8,7 @@ ones (0..T-1, int or float).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -238,6 +239,11 @@ class _TorsoDtype:
                 if isinstance(m, (nn.Conv1d, nn.Conv2d)):
                     m.to(dtype)
         return self
+
+    def torso_copy(self, dtype: torch.dtype) -> nn.Module:
+        """An inference copy with a `dtype` torso, channels-last (what oneDNN's bf16 convolutions want)."""
+        module = copy.deepcopy(self).convert_torso(dtype)
+        return module.to(memory_format=torch.channels_last).eval().requires_grad_(False)
 
     def convert_to_fp16(self):
         """Cast the Conv1d/Conv2d weights of the torso to float16 (guided-diffusion's use_fp16)."""
