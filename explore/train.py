@@ -57,6 +57,13 @@ UPSAMPLER_DIFFUSION = DiffusionConfig(steps=1000, noise_schedule="linear", learn
                                       timestep_respacing="50")
 
 
+def diffusion_config(kind: str, prediction: str = "v", low_res_skip: bool = True) -> DiffusionConfig:
+    """The process a model of `kind` is trained for (classifiers: the base's, whose x_t they see)."""
+    diffusion = UPSAMPLER_DIFFUSION if kind == "upsampler" else DIFFUSION
+    predict_v = prediction == "v" and kind in ("base", "upsampler")
+    return replace(diffusion, predict_v=predict_v, low_res_skip=predict_v and kind == "upsampler" and low_res_skip)
+
+
 # --- data -------------------------------------------------------------------------------------
 
 class Data:
@@ -163,9 +170,7 @@ class Trainer:
         self.earlier: list[dict] = []  # runs these weights were initialised from (steps, minutes, prediction)
         if spec.prediction not in ("v", "eps"):
             raise ValueError(f"prediction must be 'v' or 'eps', got {spec.prediction!r}")
-        diffusion = UPSAMPLER_DIFFUSION if spec.kind == "upsampler" else DIFFUSION
-        self.diffusion = replace(diffusion, predict_v=spec.prediction == "v",
-                                 low_res_skip=spec.kind == "upsampler" and spec.prediction == "v" and spec.low_res_skip)
+        self.diffusion = diffusion_config(spec.kind, spec.prediction, spec.low_res_skip)
         schedule = Schedule.named(self.diffusion.noise_schedule, self.diffusion.steps)
         self.sqrt_abar = torch.from_numpy(schedule.sqrt_alphas_cumprod).float().to(self.device)
         self.sqrt_1m_abar = torch.from_numpy(schedule.sqrt_one_minus_alphas_cumprod).float().to(self.device)

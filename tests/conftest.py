@@ -21,7 +21,7 @@ MODELS = {"scenes32_base": ("base", "diffusion"), "scenes32_classifier": ("class
 def make_standin(folder: Path, name: str, train_kind: str, kind: str) -> Path:
     """A random-weight model of the real architecture, saved the way explore.train exports it."""
     from explore.data.scenes import CLASS_NAMES
-    from explore.train import DIFFUSION, UPSAMPLER_DIFFUSION, build
+    from explore.train import build, diffusion_config
     from explore.zoo import save_checkpoint
 
     torch.manual_seed(0)
@@ -33,7 +33,7 @@ def make_standin(folder: Path, name: str, train_kind: str, kind: str) -> Path:
     meta = {"kind": kind, "model_config": config.to_dict(), "class_names": list(CLASS_NAMES),
             "training": {"steps": 0, "note": "random-weight stand-in for tests"}}
     if kind in ("diffusion", "superres", "classifier"):
-        meta["diffusion_config"] = (UPSAMPLER_DIFFUSION if kind == "superres" else DIFFUSION).to_dict()
+        meta["diffusion_config"] = diffusion_config(train_kind).to_dict()  # as explore.train exports it
     if kind in ("diffusion", "superres"):
         meta["null_class"] = len(CLASS_NAMES)
     if kind == "superres":
