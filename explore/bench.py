@@ -129,7 +129,7 @@ def builtin_sampling(registry: ModelRegistry, repeats: int, batches=(1, 16)) -> 
             if batch == 1:
                 recipe = Recipe(model="scenes32_base", class_label=0, sampler="ddim", respacing="50", **extra)
                 variants[f"{label}/plain"] = lambda r=recipe: _plain(lambda: _drain(plan(r, registry)))
-        out[f"b{batch}"] = interleaved(variants, repeats)
+        out[f"b{batch}"] = interleaved(variants, repeats if batch == 1 else max(2, repeats // 2))
     return out
 
 
