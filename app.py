@@ -360,12 +360,15 @@ def main(argv=None) -> None:
     parser.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     parser.add_argument("--host", default=None, help="server name (default $GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="network precision of every run (default $EXPLORE_PRECISION or fp32; bf16 is the fast "
+                        "path on CPUs with AVX-512 BF16 / AMX)")
     args = parser.parse_args(argv)
     if os.environ.get("EXPLORE_THREADS"):
         torch.set_num_threads(int(os.environ["EXPLORE_THREADS"]))
     memory.limit_arenas(2)  # with release_memory() after each run: less heap left behind by many threads
     checkpoints = args.checkpoints or os.environ.get("EXPLORE_CHECKPOINTS") or os.path.join(HERE, "checkpoints")
-    ctx = AppContext.create(checkpoints, args.outputs, args.device)
+    ctx = AppContext.create(checkpoints, args.outputs, args.device, args.precision)
     demo = build(ctx)
     with open(CSS_PATH) as f:
         css = f.read()

@@ -56,6 +56,17 @@ def test_sampling_streams_previews_every_n_steps_then_results(app_context):
     assert session.trajectory is not None and len(session.trajectory.steps) == 10
 
 
+def test_the_servers_precision_is_used_and_recorded(app_context):
+    from dataclasses import replace
+    bf16 = replace(app_context, precision="bf16")
+    out = list(sample(bf16, Session(), respacing="3", every=3, cfg=2.0)[1])[-1]
+    assert "--precision bf16" in out[10]
+    png = [f for f in out[9] if f.endswith(".png") and "sample_00_" in f][0]
+    assert Recipe.from_json(read_png_recipe(png)).precision == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        type(app_context).create(app_context.registry.root, app_context.out_root, "cpu", precision="fp8")
+
+
 def test_results_reproduce_from_the_png_recipe(app_context):
     session = Session()
     _, gen = sample(app_context, session, respacing="8", every=8, batch=2, cfg=2.0)

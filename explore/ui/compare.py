@@ -97,7 +97,7 @@ class Comparison:
             raise gr.Error(str(err)) from None
         base = Recipe(model=model, class_label=label, sampler=sampler, respacing=str(respacing).strip(),
                       classifier=classifier, guidance_method=guidance_method or "standard", seed=seed,
-                      batch_size=per_cell)
+                      batch_size=per_cell, precision=self.ctx.precision)
         try:
             base.validate(self.ctx.registry.caps)
         except RecipeError as err:

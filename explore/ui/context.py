@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from explore.engine import PRECISIONS
 from explore.registry import ModelInfo, ModelRegistry
 from explore.validate import caps_for
 
@@ -27,10 +28,11 @@ class AppContext:
 
     registry: ModelRegistry
     out_root: Path
+    precision: str = "fp32"  # the server's choice for every run (recorded in each recipe)
 
     @classmethod
     def create(cls, checkpoints: str | Path | None = None, outputs: str | Path | None = None,
-               device: str | None = None) -> "AppContext":
+               device: str | None = None, precision: str | None = None) -> "AppContext":
         checkpoints = Path(checkpoints or os.environ.get("EXPLORE_CHECKPOINTS") or "checkpoints")
         outputs = outputs or os.environ.get("EXPLORE_OUTPUTS")
         if outputs is None:
@@ -40,7 +42,10 @@ class AppContext:
         out_root.mkdir(parents=True, exist_ok=True)
         registry = ModelRegistry(checkpoints, device=device)
         registry.caps = caps_for(registry.device)  # a server shared by many users: caps that suit its device
-        return cls(registry, out_root)
+        precision = precision or os.environ.get("EXPLORE_PRECISION") or "fp32"
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        return cls(registry, out_root, precision)
 
     def names(self, kind: str) -> list[str]:
         return [info.name for info in self.registry.infos(kind)]

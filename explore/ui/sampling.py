@@ -63,7 +63,7 @@ def make_recipe(ctx: AppContext, model: str, class_choice, sampler: str, respaci
             guidance_method=guidance_method or "standard",
             eta=number("eta", eta, *RANGES["eta"]) if "eta" in options and eta is not None else None,
             churn=number("churn", churn, *RANGES["churn"]) if "churn" in options and churn is not None else 0.0,
-            seed=whole("seed", seed, 0, MAX_SEED), batch_size=batch)
+            seed=whole("seed", seed, 0, MAX_SEED), batch_size=batch, precision=ctx.precision)
     except InputError as err:
         raise gr.Error(str(err)) from None
     try:

@@ -119,7 +119,7 @@ class Lab:
         if low.shape[1:3] != (small, small):
             raise gr.Error(f"{upsampler} takes {small}x{small} inputs; these are {low.shape[1]}x{low.shape[2]}.")
         recipe = Recipe(model=upsampler, sampler="ddim", respacing=str(respacing).strip(), seed=int(seeds[0]),
-                        batch_size=len(low))
+                        batch_size=len(low), precision=self.ctx.precision)
         device = self.ctx.registry.device
         noise = PerImageNoise(seeds, (3, out, out), device)
         label_tensor = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
@@ -174,7 +174,7 @@ class Lab:
             count = _whole("number of images", count, 1, min(MAX_BATCH, self.ctx.registry.caps.batch))
             label = None if class_choice in (SUGGEST, NULL_CLASS, None, "") else class_index(info, class_choice)
             recipe = Recipe(model=base_model, class_label=label, sampler="ddim", respacing=str(base_respacing).strip(),
-                            seed=int(seed), batch_size=count)
+                            seed=int(seed), batch_size=count, precision=self.ctx.precision)
             try:
                 run = plan(recipe, self.ctx.registry)
             except RecipeError as err:
