@@ -203,14 +203,14 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.earlier = json.loads(state.get("earlier", "[]")) + [{
             "run": str(path), "steps": int(state["step"]), "minutes": round(float(state["seconds"]) / 60, 1),
-            "prediction": state.get("prediction", "eps")}]
+            "prediction": state.get("prediction", "eps"), "batch": state.get("batch")}]
 
     def save(self) -> None:
         self.spec.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
         torch.save({"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                     "step": self.step, "seconds": self.seconds, "prediction": self.spec.prediction,
-                    "low_res_skip": self.diffusion.low_res_skip,
+                    "low_res_skip": self.diffusion.low_res_skip, "batch": self.spec.batch,
                     "earlier": json.dumps(self.earlier)}, tmp)
         os.replace(tmp, self.state_path)
         (self.spec.run_dir / "progress.json").write_text(json.dumps(
@@ -292,19 +292,20 @@ class Trainer:
         from explore.zoo import save_checkpoint
         kind = {"base": "diffusion", "upsampler": "superres", "classifier": "classifier",
                 "evaluator": "evaluator"}[self.spec.kind]
-        steps = self.step + sum(e["steps"] for e in self.earlier)
-        minutes = self.seconds / 60 + sum(e["minutes"] for e in self.earlier)
+        stages = self.earlier + [{"run": str(self.spec.run_dir), "steps": self.step, "minutes": round(self.seconds / 60, 1),
+                                  "prediction": self.spec.prediction, "batch": self.spec.batch}]
+        steps = sum(stage["steps"] for stage in stages)
+        minutes = sum(stage["minutes"] for stage in stages)
+        images_seen = sum(stage["steps"] * (stage.get("batch") or self.spec.batch) for stage in stages)
         meta = {
             "kind": kind,
             "model_config": self.config.to_dict(),
             "class_names": self.data.class_names,
-            "training": {"steps": steps, "batch_size": self.spec.batch, "images_seen": steps * self.spec.batch,
+            "training": {"steps": steps, "batch_size": self.spec.batch, "images_seen": images_seen,
                          "cpu_minutes": round(minutes, 1), "data": self.spec.data, "seed": self.spec.seed,
                          "ema": self.spec.ema, "label_dropout": self.spec.label_dropout
                          if kind in ("diffusion", "superres") else 0.0,
-                         "stages": self.earlier + [{"run": str(self.spec.run_dir), "steps": self.step,
-                                                    "minutes": round(self.seconds / 60, 1),
-                                                    "prediction": self.spec.prediction}]},
+                         "stages": stages},
         }
         if kind in ("diffusion", "superres"):
             meta["diffusion_config"] = self.diffusion.to_dict()
