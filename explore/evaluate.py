@@ -358,7 +358,10 @@ def render_card(report: dict) -> str:
     for name, f in report["models"].items():
         t = f.get("training") or {}
         diffusion = f.get("diffusion")
-        output = f"{diffusion['noise_schedule']}, {diffusion.get('prediction', 'eps')}" if diffusion else "logits"
+        if f["kind"] == "classifier":  # a noisy classifier reads x_t of the base's process
+            output = f"logits of {diffusion['noise_schedule']} x_t" if diffusion else "logits"
+        else:
+            output = f"{diffusion['noise_schedule']}, {diffusion.get('prediction', 'eps')}" if diffusion else "logits"
         lines.append(f"| {name} | {f['kind']} | {f['parameters']:,} | {output} | {t.get('steps', '-')} | "
                      f"{t.get('batch_size', '-')} | {t.get('images_seen', '-')} | {t.get('cpu_minutes', '-')} | "
                      f"{t.get('data', '-')} | {t.get('seed', '-')} |")

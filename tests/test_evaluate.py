@@ -56,6 +56,8 @@ def test_quick_run_writes_the_card_and_the_json(quick_run, checkpoints):
         assert facts["training"]["steps"] == 0 and facts["parameters"] > 0
         output = (f"{facts['diffusion']['noise_schedule']}, {facts['diffusion']['prediction']}"
                   if facts["diffusion"] else "logits")
+        if facts["kind"] == "classifier":
+            output = f"logits of {facts['diffusion']['noise_schedule']} x_t"
         assert f"| {name} | {facts['kind']} | {facts['parameters']:,} | {output} | 0 |" in card
 
 
