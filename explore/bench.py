@@ -70,12 +70,11 @@ def plain_attention():
 
     def naive(qkv, heads, new_order):
         b, _, length = qkv.shape
-        q, k, v = adm.split_qkv(qkv, heads, new_order)
-        d = q.shape[2]
-        scale = d ** -0.25
-        weight = torch.einsum("bhct,bhcs->bhts", q * scale, k * scale)
+        q, k, v = adm.split_qkv(qkv, heads, new_order)  # [B, H, T, d]
+        scale = q.shape[-1] ** -0.25
+        weight = torch.einsum("bhtc,bhsc->bhts", q * scale, k * scale)
         weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
-        return torch.einsum("bhts,bhcs->bhct", weight, v).reshape(b, heads * d, length)
+        return torch.einsum("bhts,bhsc->bhct", weight, v).reshape(b, -1, length)
 
     adm.qkv_attention = naive
     try:
