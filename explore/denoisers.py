@@ -72,6 +72,7 @@ class ADMDenoiser:
         self.precision = precision
         self.channels_last = channels_last
         self.v_schedule = v_schedule
+        self._log_sigmas: Tensor | None = None  # log_sigma_table, moved to the device once
         if low_res_skip and v_schedule is None:
             raise ValueError("low_res_skip needs a v-prediction model (v_schedule)")
         self.low_res_skip = low_res_skip
@@ -92,38 +93,34 @@ class ADMDenoiser:
             out, var_values = out.split(x.shape[1], dim=1)
             var_values = var_values.contiguous()
         if self.v_schedule is not None:
-            abar = alpha_bar_at(self.v_schedule, t)
-            if self.low_res_skip:
-                # v = sqrt(abar) eps - sqrt(1 - abar) (skip + r0) = v_r - sqrt(1 - abar) skip
-                skip = upsampled(cond.low_res, x.shape[-2:])
-                out = out - (1 - abar).to(x.dtype).clamp(min=0).sqrt().view(-1, 1, 1, 1) * skip
-            out = eps_from_v(out, x, abar)
+            if self._log_sigmas is None or self._log_sigmas.device != t.device:
+                self._log_sigmas = log_sigma_table(self.v_schedule).to(t.device)
+            abar = alpha_bar_at(self._log_sigmas, t).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+            a, b = abar.sqrt(), (1 - abar).clamp(min=0).sqrt()
+            if self.low_res_skip:  # v = sqrt(abar) eps - sqrt(1 - abar) (skip + r0) = v_r - sqrt(1 - abar) skip
+                out = out - b * upsampled(cond.low_res, x.shape[-2:])
+            out = a * out + b * x  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
         return Prediction(out.contiguous(), var_values)
 
 
-def alpha_bar_at(schedule: Schedule, t: Tensor) -> Tensor:
+def log_sigma_table(schedule: Schedule) -> Tensor:
+    """log sqrt((1 - abar) / abar) per original timestep (float64), for alpha_bar_at."""
+    return torch.from_numpy(np.log(schedule.sigmas))
+
+
+def alpha_bar_at(log_sigmas: Tensor, t: Tensor) -> Tensor:
     """abar at original timesteps t; fractional t interpolate log-sigma, as Karras grids map sigma to t.
 
-    Computed on t's device (no host sync inside the step loop).
+    `log_sigmas` (log_sigma_table) on t's device: no host sync or copy inside the step loop.
     """
-    log_sigmas = torch.from_numpy(np.log(schedule.sigmas)).to(t.device)
     last = len(log_sigmas) - 1
     tt = t.to(log_sigmas.dtype).clamp(0, last)
     low = tt.floor().clamp(max=max(last - 1, 0)).long()
     high = (low + 1).clamp(max=last)
-    frac = tt - low
-    log_sigma = torch.lerp(log_sigmas[low], log_sigmas[high], frac)
+    log_sigma = torch.lerp(log_sigmas[low], log_sigmas[high], tt - low)
     return torch.sigmoid(-2 * log_sigma)  # 1 / (1 + sigma^2)
 
 
 def upsampled(low_res: Tensor, size) -> Tensor:
     """The skip of low-res-skip upsamplers: bicubic to `size`, clamped to [-1, 1]."""
     return F.interpolate(low_res.float(), size=tuple(size), mode="bicubic", align_corners=False).clamp(-1, 1)
-
-
-def eps_from_v(v: Tensor, x: Tensor, abar: Tensor) -> Tensor:
-    """eps = sqrt(abar) v + sqrt(1 - abar) x_t, per image (abar: [B])."""
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    a = abar.to(x.dtype).sqrt().view(shape)
-    b = (1 - abar).to(x.dtype).clamp(min=0).sqrt().view(shape)
-    return a * v + b * x

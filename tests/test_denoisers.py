@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from explore.denoisers import ADMDenoiser, Cond, alpha_bar_at, upsampled
+from explore.denoisers import ADMDenoiser, Cond, alpha_bar_at, log_sigma_table, upsampled
 from explore.samplers import Grid
 from explore.schedules import Schedule
 from tests.test_samplers import SHAPE, GaussianDenoiser, run
@@ -28,10 +28,10 @@ class GaussianVNetwork(torch.nn.Module):
 def test_alpha_bar_at_matches_the_table_and_the_karras_mapping(name):
     schedule = Schedule.named(name, 1000)
     t = torch.tensor([0, 1, 250, 998, 999])
-    np.testing.assert_allclose(alpha_bar_at(schedule, t).numpy(), schedule.alphas_cumprod[t.numpy()], rtol=1e-12)
+    np.testing.assert_allclose(alpha_bar_at(log_sigma_table(schedule), t).numpy(), schedule.alphas_cumprod[t.numpy()], rtol=1e-12)
     sigmas = np.array([0.05, 0.7, 3.0, 60.0])
     fractional = torch.from_numpy(schedule.timestep_for_sigma(sigmas))
-    np.testing.assert_allclose(alpha_bar_at(schedule, fractional).numpy(), 1 / (1 + sigmas ** 2), rtol=1e-9)
+    np.testing.assert_allclose(alpha_bar_at(log_sigma_table(schedule), fractional).numpy(), 1 / (1 + sigmas ** 2), rtol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -75,7 +75,7 @@ def test_low_res_skip_adds_the_bicubic_upsampling_back():
     # at the highest noise level an all-zero network output means "no residual": x0 is the bicubic upsampling
     zero = ADMDenoiser(ZeroNetwork(), learn_sigma=False, class_cond=False, v_schedule=schedule, low_res_skip=True)
     top = torch.full((4,), 999)
-    abar = alpha_bar_at(schedule, top).view(-1, 1, 1, 1).float()
+    abar = alpha_bar_at(log_sigma_table(schedule), top).view(-1, 1, 1, 1).float()
     eps = zero(x, top, cond).eps
     x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
     torch.testing.assert_close(x0, upsampled(low_res, SHAPE[1:]), atol=0.03, rtol=0)
