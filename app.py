@@ -15,6 +15,7 @@ from explore.ui import memory, plots, progress, trajectory  # noqa: E402
 from explore.ui.compare import COLUMNS, Comparison  # noqa: E402
 from explore.ui.context import AppContext, class_choices  # noqa: E402
 from explore.ui.cancel import stoppable  # noqa: E402
+from explore.ui.compute import on_compute_thread  # noqa: E402
 from explore.ui.gpu import gpu  # noqa: E402
 from explore.ui.inputs import Dropdown, Image, Number, Radio, Slider  # noqa: E402  (field-named input checks)
 from explore.ui.sampling import Sampler, sampler_changed  # noqa: E402
@@ -63,7 +64,8 @@ def sampling_tab(ctx: AppContext, session: gr.State):
             with gr.Row():
                 seed = Number(0, precision=0, minimum=0, label="Seed", min_width=100)
                 batch = Slider(1, 16, 2, step=1, label="Batch size", min_width=120, elem_id="sample-batch")
-            preview_every = Slider(1, 50, 5, step=1, label="Preview every N steps", elem_id="sample-every")
+            preview_every = Slider(1, 50, 5, step=1, label="Preview every N steps", elem_id="sample-every",
+                                   info="at most 10 previews a second; every step is kept for the trajectory")
             with gr.Row():
                 run = gr.Button("Run", variant="primary", elem_id="sample-run")
                 stop = gr.Button("Stop", variant="stop", elem_id="sample-stop")
@@ -301,7 +303,7 @@ def upsample_tab(ctx: AppContext, session: gr.State):
                   [base, gen_class, seed, count, base_respacing, upsampler, up_respacing, npz, preview_every, session],
                   [gen_low, gen_high, gen_status, gen_bar, sharp, gen_files, session],
                   api_name="upsample_generated", show_progress="hidden", **HEAVY)
-    suggest.click(gpu(60)(lab.suggest), [photo, upload, upsampler, mode], [top, wild_class, low, suggest_msg],
+    suggest.click(on_compute_thread(gpu(60)(lab.suggest)), [photo, upload, upsampler, mode], [top, wild_class, low, suggest_msg],
                   api_name="suggest_classes", show_progress="minimal", **HEAVY)
     wild_run.click(stoppable("upsample", gpu(300)(lab.wild)),
                    [photo, upload, upsampler, mode, wild_class, up_respacing, seed, session],

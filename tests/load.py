@@ -97,12 +97,12 @@ def serve(checkpoints: Path, workdir: Path, env: dict | None = None, timeout: fl
         log.close()
 
 
-def client(url: str, downloads: Path):
-    """A gradio_client user (one session) on loopback."""
+def client(url: str, downloads: Path, download: bool = True):
+    """A gradio_client user (one session) on loopback; with download=False output files stay on the server."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # else Client() looks up huggingface.co even for localhost
     from gradio_client import Client
     downloads.mkdir(parents=True, exist_ok=True)
-    return Client(url, verbose=False, analytics_enabled=False, download_files=str(downloads))
+    return Client(url, verbose=False, analytics_enabled=False, download_files=str(downloads) if download else False)
 
 
 # --- one run --------------------------------------------------------------------------------------

@@ -109,6 +109,10 @@ def test_run_streams_frames_and_finishes(page):
     wait_text(page, "#reproduce", r"python -m explore sample")
     rendering = page.evaluate("getComputedStyle(document.querySelector('#preview-xt img')).imageRendering")
     assert rendering == "pixelated"
+    # the preview arrives at the model's own size and the page enlarges it
+    natural, shown = page.evaluate("(() => { const i = document.querySelector('#preview-xt img');"
+                                   " return [i.naturalWidth, i.getBoundingClientRect().width]; })()")
+    assert natural <= 64 and shown >= 4 * natural, (natural, shown)
     page.screenshot(path=str(ARTIFACTS / "live-sampling.png"), full_page=True)
     page.get_by_role("tab", name="Trajectory explorer").click()
     wait_text(page, "#trajectory-info", r"50 recorded steps of 50")

@@ -23,6 +23,7 @@ def sample(ctx, session, respacing="10", every=3, batch=1, class_choice="forest"
     args = [BASE, class_choice, sampler, respacing, False, classifier, classifier_scale, cfg, "standard", 0.0, 0.0,
             5, batch, every, session]
     handler = Sampler(ctx)
+    handler.min_preview_interval_s = 0.0  # the stand-in model is fast: every due preview streams
     gen = handler.run(*args, progress=progress) if progress else handler.run(*args)
     return handler, gen
 
@@ -44,7 +45,10 @@ def test_sampling_streams_previews_every_n_steps_then_results(app_context):
     previews = [o for o in outputs[1:-1]]
     assert [o[2].split(" ")[1] for o in previews] == ["3/10", "6/10", "9/10", "10/10"]
     frames = [o[0] for o in previews]
-    assert all(f.shape[1] >= 256 and f.dtype == np.uint8 for f in frames)  # enlarged for display
+    # 2 images of the stand-in model side by side at their own size, a white pixel between them
+    size = app_context.info(BASE).image_size
+    assert all(f.shape == (size, 2 * size + 1, 3) and f.dtype == np.uint8 for f in frames)
+    assert all(o[8] is None and o[9] is None and o[10] is None for o in previews)  # results come at the end
     assert len({f.tobytes() for f in frames}) == len(frames)  # distinct frames
     assert 'aria-valuenow="10"' in outputs[-1][3]  # the progress bar is full
     noise, rms, p_class, guidance = outputs[-1][4:8]
@@ -54,6 +58,16 @@ def test_sampling_streams_previews_every_n_steps_then_results(app_context):
     assert status.startswith("Finished step 10/10") and len(gallery) == 2 and len(files) == 8
     assert command.startswith("python -m explore sample") and "--timestep_respacing 10" in command
     assert session.trajectory is not None and len(session.trajectory.steps) == 10
+
+
+def test_previews_are_rate_limited_but_the_last_step_always_streams(app_context):
+    handler, gen = sample(app_context, Session(), respacing="10", every=1)
+    handler.min_preview_interval_s = 3600.0
+    outputs = list(gen)
+    previews = outputs[1:-1]
+    assert [o[2].split(" ")[1] for o in previews] == ["1/10", "10/10"]
+    assert outputs[-1][2].endswith("2 previews).")
+    assert handler.ctx is app_context and len(outputs[-1][4]) == 10  # telemetry still has every step
 
 
 def test_the_servers_precision_is_used_and_recorded(app_context):

@@ -213,3 +213,40 @@ def test_stoppable_ends_the_loop_between_yields_and_closes_the_generator():
 def test_memory_helpers_are_safe_to_call():
     from explore.ui import memory
     assert isinstance(memory.release_memory(), bool) and isinstance(memory.limit_arenas(2), bool)
+
+
+def test_handlers_run_on_one_compute_thread_one_item_ahead():
+    """libgomp slows every op down once several threads have run parallel ops (explore/ui/compute.py): the
+    stoppable generator handlers and the plain heavy handlers all run on the one compute thread; while Gradio
+    delivers an item, the handler is already computing the next."""
+    import asyncio
+    import threading
+
+    from explore.ui.cancel import stoppable
+    from explore.ui.compute import on_compute_thread
+    from explore.ui.session import Session
+
+    threads, computed = [], []
+
+    def handler(session):
+        for i in range(3):
+            threads.append(threading.get_ident())
+            computed.append(i)
+            yield i
+
+    def plain(x):
+        threads.append(threading.get_ident())
+        return 2 * x
+
+    async def request():
+        run = stoppable("sample", handler)(Session())
+        first = await run.__anext__()
+        await asyncio.sleep(0.3)  # "delivering" item 0
+        ahead = list(computed)
+        rest = [item async for item in run]
+        return first, ahead, rest, await on_compute_thread(plain)(4)
+
+    first, ahead, rest, doubled = asyncio.run(request())
+    assert (first, rest, doubled) == (0, [1, 2], 8)
+    assert ahead == [0, 1]  # item 1 was computed while item 0 was out, and no further
+    assert len(set(threads)) == 1 and threads[0] != threading.get_ident()

@@ -2,9 +2,10 @@
 
 Gradio stops *reading* a generator handler when its event is cancelled or its client goes away, but the work
 between two yields (many sampler steps when previews are sparse) would go on. `stoppable` runs a generator
-handler one item at a time in a worker thread and, while it waits, watches the request: on cancellation or
+handler one item at a time on the app's compute thread and, while it waits, watches the request: on cancellation or
 disconnection it raises the session's stop flag, which the step iterator checks after every step, and then
-closes the generator so its `finally:` blocks free what it holds.
+closes the generator so its `finally:` blocks free what it holds. The handler runs one item ahead of
+Gradio: while an item (a preview) is post-processed and sent, the next one is already being computed.
 """
 from __future__ import annotations
 
@@ -12,19 +13,18 @@ import asyncio
 import contextvars
 import functools
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from explore.ui.compute import COMPUTE, submit
 from explore.ui.memory import release_memory
 from explore.ui.session import Session
 
 POLL_S = 0.05  # how often a waiting handler looks at its request
-_WORKERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="explore-handler")
 _DONE = object()
 
 
 class _Runner:
-    """Advances a sync generator in worker threads; closes it as soon as it is abandoned and idle."""
+    """Advances a sync generator on the compute thread; closes it as soon as it is abandoned and idle."""
 
     def __init__(self, iterator):
         self.iterator = iterator
@@ -48,13 +48,13 @@ class _Runner:
     def submit(self, context: contextvars.Context) -> asyncio.Future:
         with self.lock:
             self.busy = True
-        return asyncio.get_running_loop().run_in_executor(_WORKERS, context.run, self.step)
+        return submit(context, self.step)
 
     def abandon(self) -> None:
         with self.lock:
             self.abandoned = True
             if not self.busy:  # off the event loop: the generator's finally and the trim may take a moment
-                _WORKERS.submit(self._close)
+                COMPUTE.submit(self._close)
 
 
 def _event_alive() -> Callable[[], bool]:
@@ -83,8 +83,8 @@ def stoppable(task: str, handler: Callable) -> Callable:
         runner = _Runner(handler(*args, **kwargs))
         finished = False
         try:
+            pending = runner.submit(context)
             while True:
-                pending = runner.submit(context)
                 while True:
                     done, _ = await asyncio.wait({pending}, timeout=POLL_S)
                     if done:
@@ -95,6 +95,8 @@ def stoppable(task: str, handler: Callable) -> Callable:
                 if item is _DONE:
                     finished = True
                     return
+                # the handler computes its next item while Gradio encodes and sends this one
+                pending = runner.submit(context)
                 yield item
         finally:  # finished, failed, cancelled, disconnected or closed by Gradio
             if session is not None and not finished:

@@ -159,6 +159,11 @@ class Telemetry:
 class Sampler:
     """The Live sampling tab's run: one generator handler per request, stoppable within a step."""
 
+    # Each streamed preview costs Gradio a message (several ms of Python in the server, which holds up the
+    # step loop's own Python): previews come every N steps but at most this often; the final step always
+    # streams, and every step is recorded for the trajectory explorer whatever is shown.
+    min_preview_interval_s = 0.1
+
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
 
@@ -195,20 +200,25 @@ class Sampler:
         telemetry = Telemetry(recipe.batch_size)
         started = time.perf_counter()
         last: Step | None = None
-        previews = 0
-        yield self._outputs(status=f"Sampling {total} steps…", bar=progress_bar.bar(0, total), session=session)
+        previews, last_preview, last_progress = 0, float("-inf"), float("-inf")
+        yield self._outputs(status=f"Sampling {total} steps…", bar=progress_bar.bar(0, total), session=session,
+                            running=True)
         for step in run.steps(should_stop=session.should_stop("sample")):
             last = step
             recorder.add(step)
             telemetry.add(step)
-            progress((step.index + 1, total), desc="sampling", unit="steps")
-            if (step.index + 1) % every == 0 or step.index + 1 == total:
-                previews += 1
-                elapsed = time.perf_counter() - started
+            now, final = time.perf_counter(), step.index + 1 == total
+            if final or now - last_progress >= self.min_preview_interval_s:  # each update is a message too
+                progress((step.index + 1, total), desc="sampling", unit="steps")
+                last_progress = now
+            due = (step.index + 1) % every == 0 and now - last_preview >= self.min_preview_interval_s
+            if due or final:
+                previews, last_preview = previews + 1, now
+                elapsed = now - started
                 status = (f"Step {step.index + 1}/{total} · t = {step.timestep:.0f} · {elapsed:.1f} s · "
                           f"{(step.index + 1) / max(elapsed, 1e-9):.1f} steps/s")
-                yield self._outputs(images.batch_view(step.x), images.batch_view(step.pred_x0), status,
-                                    telemetry.frames(), bar=progress_bar.bar(step.index + 1, total), session=session)
+                yield self._outputs(preview(step.x), preview(step.pred_x0), status, telemetry.frames(),
+                                    bar=progress_bar.bar(step.index + 1, total), session=session, running=True)
         elapsed = time.perf_counter() - started
         if last is None:
             yield self._outputs(status="Stopped before the first step.", session=session)
@@ -222,18 +232,21 @@ class Sampler:
                   f"({(last.index + 1) / max(elapsed, 1e-9):.1f} steps/s, {previews} previews).")
         if stopped:
             status += " The results below are the partly denoised samples at that step."
-        yield self._outputs(images.batch_view(last.x), images.batch_view(last.pred_x0), status,
+        yield self._outputs(preview(last.x), preview(last.pred_x0), status,
                             telemetry.frames(), gallery, files, command, session,
                             bar=progress_bar.bar(last.index + 1, total))
 
     @staticmethod
     def _outputs(x_t=None, x0=None, status="", telemetry=None, gallery=None, files=None, command=None,
-                 session=None, bar=None):
+                 session=None, bar=None, running=False):
+        """One yield of the handler. While running, the results are empty (None), not kept: Gradio rebuilds
+        a component for every gr.update(), even an empty one, which costs milliseconds per preview."""
         keep = gr.update()
+        result = None if running else keep
         return (keep if x_t is None else x_t, keep if x0 is None else x0, status, keep if bar is None else bar,
                 *(telemetry if telemetry is not None else [keep] * len(TELEMETRY)),
-                keep if gallery is None else gallery, keep if files is None else files,
-                keep if command is None else command, session)
+                result if gallery is None else gallery, result if files is None else files,
+                result if command is None else command, session)
 
     def write_results(self, recipe: Recipe, last: Step, labels, class_names, trajectory, stopped: bool):
         """PNGs with the recipe, the .npz in the original format, the animation, the trajectory file."""
@@ -262,6 +275,12 @@ class Sampler:
         cli = replace(recipe, model=self.ctx.cli_model(recipe.model),
                       classifier=self.ctx.cli_model(recipe.classifier))
         return gallery, [str(f) for f in files], cli.cli_command()
+
+
+def preview(x) -> np.ndarray:
+    """A batch as one grid at the images' own resolution (the page enlarges it with pixelated CSS); small
+    PNGs keep each streamed preview cheap to encode and send."""
+    return images.batch_view(x, min_width=0)
 
 
 def write_trajectory_animation(traj, path: Path) -> Path:
