@@ -20,7 +20,6 @@ from explore.schedules import RespacingError, Schedule
 from explore.validate import LIMITS, MAX_CLASSES, MAX_SEED, Caps, InputError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-EVAL_BATCH = 2  # images per network evaluation in batch-invariant runs
 # accepted ranges of the recipe's numbers
 RANGES = {"cfg_scale": (0.0, 100.0), "classifier_scale": (0.0, 1000.0), "eta": (0.0, 1.0), "churn": (0.0, 1000.0)}
 
@@ -249,7 +248,8 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
 
     `labels` (int64 [batch_size]) override the recipe's class; `low_res` ([batch_size, 3, h, w] in [-1, 1])
     conditions a super-resolution model; `noise` replaces the seeded noise (e.g. a RecordedNoise).
-    `batch_invariant` evaluates the networks in fixed chunks of EVAL_BATCH images, so image i of a run is
+    `batch_invariant` evaluates each network in chunks of a fixed number of rows (the rows it sees per image:
+    two with classifier-free guidance on one network, [cond, uncond], else one), so image i of a run is
     bit-identical whatever the batch size; None = on CPU (whose kernels are deterministic), not on GPUs.
     The recipe is checked against the registry's caps (a shared server's are smaller than the command line's).
     """
@@ -267,7 +267,10 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
     precision = PRECISIONS[recipe.precision]
     if batch_invariant is None:
         batch_invariant = device.type == "cpu"
-    eval_batch = EVAL_BATCH if batch_invariant else None
+    # [cond; uncond] rows through one network (scales 0 and 1 need one of them only)
+    stacked_cfg = recipe.cfg_scale not in (0.0, 1.0) and not recipe.uncond_model
+    eval_batch = (2 if stacked_cfg else 1) if batch_invariant else None
+    single_rows = 1 if batch_invariant else None  # networks that see one row per image
     denoiser: Denoiser = _adm(main, precision, device, eval_batch)
     size = main.image_size
     shape = (3, size, size)
@@ -315,14 +318,14 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
                 raise RecipeError(f"uncond_model: {recipe.uncond_model!r} must have the image size and diffusion "
                                   f"process of {recipe.model!r}")
             denoiser = ClassifierFreeGuidance(denoiser, recipe.cfg_scale, uncond_denoiser=_adm(uncond, precision, device,
-                                                                                           eval_batch))
+                                                                                           single_rows))
         elif main.null_class is not None:
             denoiser = ClassifierFreeGuidance(denoiser, recipe.cfg_scale, null_class=main.null_class)
         else:
             raise RecipeError(f"cfg_scale: {recipe.model!r} was not trained with a null label; name an "
                               "unconditional model of the same size (uncond_model) or set cfg_scale to 1")
     if classifier is not None:
-        classifier_net = FixedBatch(classifier.module, eval_batch) if eval_batch else classifier.module
+        classifier_net = FixedBatch(classifier.module, single_rows) if single_rows else classifier.module
         denoiser = ClassifierGuidance(denoiser, classifier_net, recipe.classifier_scale,
                                       recipe.guidance_method, precision)
     elif recipe.classifier_scale != 0:

@@ -108,8 +108,10 @@ def test_two_model_cfg_is_the_formula(registry):
     labels = torch.tensor([2, 2])
     with torch.no_grad():
         pred = the_plan.denoiser(x, t, the_plan.cond)
-        out_c = registry.get("tiny_cond").module(x, t, y=labels)
-        out_u = registry.get("tiny_uncond").module(x, t)
+        # each network sees one row per image, evaluated a row at a time (batch-invariant)
+        out_c = torch.cat([registry.get("tiny_cond").module(x[i:i + 1], t[i:i + 1], y=labels[i:i + 1])
+                           for i in range(2)])
+        out_u = torch.cat([registry.get("tiny_uncond").module(x[i:i + 1], t[i:i + 1]) for i in range(2)])
     eps_c, eps_u = out_c[:, :3], out_u[:, :3]
     torch.testing.assert_close(pred.eps, eps_u + scale * (eps_c - eps_u), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(pred.var_values, out_c[:, 3:], atol=0, rtol=0)  # the conditional model's variance
@@ -119,7 +121,8 @@ def test_two_model_cfg_is_the_formula(registry):
 def _sample_directly(registry, name, labels, sampler="ddpm", seed=0, respacing="10"):
     """The sampler driven by hand with the conditional model's adapter (no engine)."""
     loaded = registry.get(name)
-    denoiser = ADMDenoiser(loaded.module, learn_sigma=True, class_cond=True)
+    # the engine's batch-invariant evaluation on CPU: one row per call
+    denoiser = ADMDenoiser(FixedBatch(loaded.module, 1), learn_sigma=True, class_cond=True)
     noise = PerImageNoise.from_seed(seed, len(labels), SHAPE)
     grid = Grid.make(loaded.diffusion.noise_schedule, respacing)
     with torch.no_grad():
@@ -216,7 +219,8 @@ def test_fixed_batch_evaluation_is_the_plain_evaluation_per_image(registry):
     x_ref = x.clone().requires_grad_(True)
     torch.testing.assert_close(grad, torch.autograd.grad(clf(x_ref, t).logsumexp(-1).sum(), x_ref)[0],
                                atol=1e-5, rtol=1e-4)
-    assert plan(Recipe(model="tiny_cond"), registry).eval_batch == 2  # on by default on CPU
+    assert plan(Recipe(model="tiny_cond"), registry).eval_batch == 1  # on by default on CPU, a row per image
+    assert plan(Recipe(model="tiny_cond", cfg_scale=3.0), registry).eval_batch == 2  # [cond, uncond] together
     assert plan(Recipe(model="tiny_cond"), registry, batch_invariant=False).eval_batch is None
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from explore.engine import Recipe, plan
+from explore.engine import FixedBatch, Recipe, plan
 from explore.noise import PerImageNoise, Recorder
 from explore.schedules import space_timesteps
 
@@ -158,8 +158,9 @@ def test_classifier_guided_sampling_matches_the_original_step_by_step(registry, 
                     respacing="10", seed=3, batch_size=2)
     run, recorder, steps = engine_trajectory(registry, recipe)
     labels = run.cond.labels
-    model = registry.get("tiny_cond").module
-    classifier = registry.get("tiny_classifier").module
+    # the networks evaluated one row per call, as the engine does on CPU (batch-invariant)
+    model = FixedBatch(registry.get("tiny_cond").module, 1)
+    classifier = FixedBatch(registry.get("tiny_classifier").module, 1)
     reference = Reference("cosine", "10")
 
     def model_fn(x, t):
