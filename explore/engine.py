@@ -325,9 +325,13 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
             raise RecipeError(f"cfg_scale: {recipe.model!r} was not trained with a null label; name an "
                               "unconditional model of the same size (uncond_model) or set cfg_scale to 1")
     if classifier is not None:
-        classifier_net = FixedBatch(classifier.module, single_rows) if single_rows else classifier.module
+        classifier_net, classifier_precision = classifier.module, precision
+        if device.type == "cpu" and precision == torch.bfloat16 and hasattr(classifier_net, "convert_torso"):
+            classifier_net, classifier_precision = classifier.torso_in(torch.bfloat16), None  # as _adm does
+        if single_rows:
+            classifier_net = FixedBatch(classifier_net, single_rows)
         denoiser = ClassifierGuidance(denoiser, classifier_net, recipe.classifier_scale,
-                                      recipe.guidance_method, precision)
+                                      recipe.guidance_method, classifier_precision)
     elif recipe.classifier_scale != 0:
         raise RecipeError("classifier_scale: no classifier is selected, so the scale must be 0")
 
