@@ -260,9 +260,13 @@ def trade_off(rows: list[dict]) -> dict:
     """Does every TRADE_OFF metric move the expected way from the smallest to the largest scale?"""
     rows = sorted(rows, key=lambda r: r["scale"])
     lo, hi = rows[0], rows[-1]
-    moves = {m: (hi[m] - lo[m]) * sign > 0 for m, sign in TRADE_OFF.items()}
+    # a metric already at its bound at both ends (accuracy 100% without guidance) cannot move: saturated,
+    # which the card says, rather than counting it as moving the wrong way
+    bound = {m: (1.0 if sign > 0 else 0.0) for m, sign in TRADE_OFF.items()}
+    saturated = [m for m in TRADE_OFF if lo[m] == hi[m] == bound[m]]
+    moves = {m: (hi[m] - lo[m]) * sign > 0 or m in saturated for m, sign in TRADE_OFF.items()}
     monotone = {m: all((b[m] - a[m]) * sign >= 0 for a, b in zip(rows, rows[1:])) for m, sign in TRADE_OFF.items()}
-    return {"met": all(moves.values()), "moves": moves, "monotone": monotone,
+    return {"met": all(moves.values()), "moves": moves, "monotone": monotone, "saturated": saturated,
             "from": {m: lo[m] for m in TRADE_OFF}, "to": {m: hi[m] for m in TRADE_OFF},
             "scales": [lo["scale"], hi["scale"]]}
 
@@ -289,7 +293,9 @@ def bars(sweep: dict | None, upsampler: dict | None, missing: dict) -> list[dict
             not_evaluated(name, reason or "fewer than two scales were sampled")
             continue
         t = trade_off(rows)
-        measured = ", ".join(f"{m} {_fmt(m, t['from'][m])} -> {_fmt(m, t['to'][m])}" for m in TRADE_OFF)
+        measured = ", ".join(f"{m} {_fmt(m, t['from'][m])} -> {_fmt(m, t['to'][m])}"
+                             + (" (saturated: at its bound at both scales)" if m in t["saturated"] else "")
+                             for m in TRADE_OFF)
         out.append({"name": name, "measured": f"scale {t['scales'][0]:g} -> {t['scales'][1]:g}: {measured}",
                     "met": t["met"], "detail": t})
 

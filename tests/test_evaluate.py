@@ -109,6 +109,15 @@ def test_trade_off_rule():
     assert t["monotone"] == {"accuracy": True, "precision": False, "diversity": True, "recall": True}
     rows[1]["recall"] = 0.9  # recall rises with the scale: no trade-off
     assert not evaluate.trade_off(rows)["met"]
+    rows[1]["recall"] = 0.5
+    for row in rows:  # accuracy 100% at every scale cannot rise: saturated, not a failure
+        row["accuracy"] = 1.0
+    t = evaluate.trade_off(rows)
+    assert t["met"] and t["saturated"] == ["accuracy"]
+    rows[0]["accuracy"] = 0.99  # rising to 100% is a rise; falling from 100% is not
+    assert evaluate.trade_off(rows)["met"]
+    rows[0]["accuracy"], rows[1]["accuracy"] = 1.0, 0.98
+    assert not evaluate.trade_off(rows)["met"]
 
 
 def test_missing_models_are_skipped_with_a_reason(checkpoints, tmp_path, capsys):
