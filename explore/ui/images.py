@@ -105,6 +105,8 @@ def write_animation(frames: list[np.ndarray], path: str | Path, seconds: float =
     """Frames (HxWx3 uint8) -> an animated GIF or WebP (by suffix), about `seconds` long, last frame held."""
     path = Path(path)
     pictures = [Image.fromarray(f) for f in frames]
+    if path.suffix == ".gif":  # a fast palette per frame (PIL's default median cut took ~0.3 s for 50 frames)
+        pictures = [p.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE) for p in pictures]
     per_frame = max(20, int(1000 * seconds / max(1, len(pictures))))
     durations = [per_frame] * (len(pictures) - 1) + [1500]
     options = {"lossless": True} if path.suffix == ".webp" else {"optimize": False, "disposal": 1}
