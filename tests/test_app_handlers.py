@@ -23,7 +23,7 @@ def sample(ctx, session, respacing="10", every=3, batch=1, class_choice="forest"
     args = [BASE, class_choice, sampler, respacing, False, classifier, classifier_scale, cfg, "standard", 0.0, 0.0,
             5, batch, every, session]
     handler = Sampler(ctx)
-    handler.min_preview_interval_s = 0.0  # the stand-in model is fast: every due preview streams
+    handler.min_preview_interval_s = handler.progress_interval_s = 0.0  # the stand-in model is fast
     gen = handler.run(*args, progress=progress) if progress else handler.run(*args)
     return handler, gen
 

@@ -129,10 +129,14 @@ class Telemetry:
     SOURCES = {"p_class": ("log_prob", "image"), "classifier": ("guidance_grad_norm", "classifier"),
                "cfg": ("cfg_delta_norm", "CFG |Δε|")}
 
+    REFRESH_S = 0.5  # the plots are redrawn at most this often (and at the end): each redraw ships every row
+
     def __init__(self, batch: int):
         self.batch = batch
         self.pending: list[tuple[int, float, dict]] = []
         self.rows: dict[str, list[tuple[int, float, str]]] = {name: [] for name in TELEMETRY}
+        self._frames: list[pd.DataFrame] | None = None
+        self._built_at = float("-inf")
 
     def add(self, step: Step) -> None:
         values = {"rms": step.x.detach().flatten(1).float().pow(2).mean(1).sqrt()}
@@ -151,9 +155,14 @@ class Telemetry:
                 self.rows[table].extend((s, v, f"{label} {i}") for i, v in enumerate(numbers))
         self.pending.clear()
 
-    def frames(self) -> list[pd.DataFrame]:
-        self._flush()
-        return [pd.DataFrame(self.rows[name], columns=["step", "value", "series"]) for name in TELEMETRY]
+    def frames(self, final: bool = True) -> list[pd.DataFrame]:
+        """The tables so far; between refreshes the previous tables again (Gradio then sends no change)."""
+        now = time.perf_counter()
+        if final or self._frames is None or now - self._built_at >= self.REFRESH_S:
+            self._flush()
+            self._frames = [pd.DataFrame(self.rows[name], columns=["step", "value", "series"]) for name in TELEMETRY]
+            self._built_at = now
+        return self._frames
 
 
 class Sampler:
@@ -163,6 +172,7 @@ class Sampler:
     # step loop's own Python): previews come every N steps but at most this often; the final step always
     # streams, and every step is recorded for the trajectory explorer whatever is shown.
     min_preview_interval_s = 0.1
+    progress_interval_s = 0.5  # gr.Progress updates (for API clients; the page shows its own bar) are messages too
 
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
@@ -208,7 +218,7 @@ class Sampler:
             recorder.add(step)
             telemetry.add(step)
             now, final = time.perf_counter(), step.index + 1 == total
-            if final or now - last_progress >= self.min_preview_interval_s:  # each update is a message too
+            if final or now - last_progress >= self.progress_interval_s:
                 progress((step.index + 1, total), desc="sampling", unit="steps")
                 last_progress = now
             due = (step.index + 1) % every == 0 and now - last_preview >= self.min_preview_interval_s
@@ -217,7 +227,7 @@ class Sampler:
                 elapsed = now - started
                 status = (f"Step {step.index + 1}/{total} · t = {step.timestep:.0f} · {elapsed:.1f} s · "
                           f"{(step.index + 1) / max(elapsed, 1e-9):.1f} steps/s")
-                yield self._outputs(preview(step.x), preview(step.pred_x0), status, telemetry.frames(),
+                yield self._outputs(preview(step.x), preview(step.pred_x0), status, telemetry.frames(final),
                                     bar=progress_bar.bar(step.index + 1, total), session=session, running=True)
         elapsed = time.perf_counter() - started
         if last is None:
