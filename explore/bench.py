@@ -366,7 +366,11 @@ def report(results: dict) -> str:
              f"Produced by `{r['command']}` on {m['date']}: {m['cpu']} ({m['cpu_capability']}), {m['logical_cores']} "
              f"logical cores, {m['torch_threads']} torch threads, torch {m['torch']}, GPU {m.get('gpu', 'none')}. "
              f"Medians over {r['repeats']} interleaved repeats; ratios compare variants measured side by side "
-             "in the same run.", "", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+             "in the same run."]
+    if r.get("rerun"):
+        lines[-1] += " Re-run later with `--only ... --update` (same machine): " + ", ".join(
+            f"{name} on {date}" for name, date in r["rerun"].items()) + "."
+    lines += ["", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     b1 = r["builtin"]["b1"]
     cfg_time = min(b1["cfg3/fp32"]["median_s"], b1["cfg3/bf16"]["median_s"])
     lines.append(f"| built-in base, 1 image, 50 steps with CFG <= 1.0 s engine time | {_ms(cfg_time)} "
@@ -474,8 +478,12 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--checkpoints", default="checkpoints")
-    parser.add_argument("--only", help="comma-separated workloads to run (a probe; the report then lacks the rest)")
+    parser.add_argument("--only", help="comma-separated workloads to run (a probe: printed, the report is untouched)")
+    parser.add_argument("--update", action="store_true", help="with --only: put the re-run workloads into the "
+                        "existing JSON and rewrite the report (each workload's ratios stay side by side)")
     args = parser.parse_args(argv)
+    if args.update and not args.only:
+        parser.error("--update needs --only (the workloads to re-run)")
     repeats = args.repeats or (2 if args.quick else 5)
     registry = ModelRegistry(args.checkpoints, device="cpu")
     results = {"machine": machine(), "repeats": repeats,
@@ -501,7 +509,13 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         results[name] = fn()
         print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
-    if args.only:  # a partial run is printed, never written over the report
+    if args.only and args.update:
+        merged = json.loads(args.out.with_suffix(".json").read_text())
+        for name, _ in steps:
+            merged[name] = results[name]
+            merged.setdefault("rerun", {})[name] = results["machine"]["date"]
+        results = merged
+    elif args.only:  # a partial run is printed, never written over the report
         print(json.dumps({name: results[name] for name, _ in steps}, indent=1, default=str))
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
