@@ -65,7 +65,8 @@ def sampling_tab(ctx: AppContext, session: gr.State):
                 seed = Number(0, precision=0, minimum=0, label="Seed", min_width=100)
                 batch = Slider(1, 16, 2, step=1, label="Batch size", min_width=120, elem_id="sample-batch")
             preview_every = Slider(1, 50, 5, step=1, label="Preview every N steps", elem_id="sample-every",
-                                   info="at most 10 previews a second; every step is kept for the trajectory")
+                                   info=f"at most {1 / Sampler.min_preview_interval_s:.0f} previews a second; "
+                                   "every step is kept for the trajectory")
             with gr.Row():
                 run = gr.Button("Run", variant="primary", elem_id="sample-run")
                 stop = gr.Button("Stop", variant="stop", elem_id="sample-stop")
