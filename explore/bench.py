@@ -283,7 +283,7 @@ def app_latency(registry: ModelRegistry, repeats: int) -> dict:
     built-in base: time from Run to the first streamed preview and to the last frame, previews every step vs only
     the final one (the slider's maximum, 50). Needs the repository's tests/ folder (the load test's launcher).
     With more than one torch thread it is measured again with one, which leaves a core to the server's event
-    loop and the client (what each streamed message costs them then stops stalling the compute threads)."""
+    loop and the client, to see how much of the streaming cost is their competing with the compute threads."""
     threads = torch.get_num_threads()
     result = _app_latency(registry, repeats, threads)
     if threads > 1:

@@ -206,7 +206,10 @@ class FixedBatch(torch.nn.Module):
             return self.network(x, t, **kwargs)
         outputs = []
         for start in range(0, n, self.size):
-            index = torch.arange(start, start + self.size, device=x.device).clamp_max(n - 1)
+            if start + self.size <= n:  # a full chunk: views, no copies
+                index = slice(start, start + self.size)
+            else:  # the last chunk, padded by repeating its last row
+                index = torch.arange(start, start + self.size, device=x.device).clamp_max(n - 1)
             chunk = {k: None if v is None else v[index] for k, v in kwargs.items()}
             out = self.network(x[index], t[index] if t.ndim else t, **chunk)
             outputs.append(out[:min(self.size, n - start)])

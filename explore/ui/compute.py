@@ -2,9 +2,9 @@
 
 PyTorch's OpenMP runtime on Linux (libgomp) keeps a team of worker threads for each thread that runs a parallel
 op. Once the process holds more OpenMP threads than CPUs, libgomp stops spinning at its barriers and sleeps in
-futex waits instead, and the many small ops of a sampling step pay a wake-up each: measured here, a 50-step
-CFG run on the built-in model took 1.2 s in a fresh thread and 2.1-2.3 s once a second thread had run the
-model. Gradio calls handlers from pools of threads, so the app sends all model work to this single thread.
+futex waits instead, and the many small ops of a sampling step pay a wake-up each (on a 2-core machine the
+step loop slowed down markedly once a second thread had run the model). Gradio calls handlers from pools of
+threads, so the app sends all model work to this single thread.
 """
 from __future__ import annotations
 
