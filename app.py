@@ -29,6 +29,11 @@ LIGHT = {"concurrency_limit": 4}
 METHODS = [("standard", "standard"), ("conflict projection", "conflict")]
 
 
+def streaming(trigger, task: str, handler, inputs, outputs, **kwargs):
+    """A stoppable generator handler whose messages are post-processed on the compute thread (cancel.py)."""
+    return trigger(stoppable(task, handler, outputs), inputs, outputs, postprocess=False, **kwargs)
+
+
 def _prefer(names: list[str], wanted: str) -> str | None:
     return wanted if wanted in names else (names[0] if names else None)
 
@@ -76,10 +81,10 @@ def sampling_tab(ctx: AppContext, session: gr.State):
             status = gr.Markdown("Press **Run** to sample.", elem_id="sample-status")
             bar = gr.HTML(progress.bar(0, 1), elem_id="sample-progress", padding=False)
             with gr.Row():
-                x_t = gr.Image(label="x_t", format="png", interactive=False, elem_id="preview-xt",
-                               elem_classes=["pixelated"], min_width=160)
-                x0 = gr.Image(label="predicted x0", format="png", interactive=False, elem_id="preview-x0",
-                              elem_classes=["pixelated"], min_width=160)
+                x_t = gr.HTML(label="x_t", show_label=True, container=True, elem_id="preview-xt",
+                              elem_classes=["pixelated"], min_width=160, js_on_load=None)
+                x0 = gr.HTML(label="predicted x0", show_label=True, container=True, elem_id="preview-x0",
+                             elem_classes=["pixelated"], min_width=160, js_on_load=None)
             with gr.Row():
                 tele = [gr.LinePlot(None, x="step", y="value", color="series", title=title, height=170,
                                     min_width=200, show_label=False)
@@ -101,7 +106,7 @@ def sampling_tab(ctx: AppContext, session: gr.State):
     inputs = [model, class_choice, sampler, respacing, karras, classifier, classifier_scale, cfg_scale, method,
               eta, churn, seed, batch, preview_every, session]
     outputs = [x_t, x0, status, bar, *tele, gallery, files, command, session]
-    event = run.click(stoppable("sample", gpu(300)(sampler_h.run)), inputs, outputs, api_name="sample",
+    event = streaming(run.click, "sample", gpu(300)(sampler_h.run), inputs, outputs, api_name="sample",
                       show_progress="hidden", **HEAVY)
     stop.click(sampler_h.stop, [session], None, api_name="stop_sample", queue=False)
     check = [model, respacing, sampler, karras]
@@ -177,7 +182,7 @@ def compare_tab(ctx: AppContext, session: gr.State):
             tradeoff = gr.Plot(label="Trade-off", format="png", elem_id="compare-tradeoff", show_label=False)
             files = gr.File(label="Downloads", file_count="multiple")
     handler = Comparison(ctx)
-    run.click(stoppable("compare", gpu(600)(handler.run)),
+    streaming(run.click, "compare", gpu(600)(handler.run),
               [model, class_choice, sampler, respacing, classifier, classifier_scales, cfg_scales, method, seed,
                per_cell, evaluator, session],
               [grid, table, tradeoff, status, bar, files, session], api_name="compare", show_progress="hidden",
@@ -300,20 +305,20 @@ def upsample_tab(ctx: AppContext, session: gr.State):
     sharp = gr.Plot(plots.sharpness_figure({}), label="Sharpness: generated vs wild", format="png",
                     elem_id="lab-sharpness", show_label=False)
 
-    gen_run.click(stoppable("upsample", gpu(300)(lab.generated)),
-                  [base, gen_class, seed, count, base_respacing, upsampler, up_respacing, npz, preview_every, session],
-                  [gen_low, gen_high, gen_status, gen_bar, sharp, gen_files, session],
-                  api_name="upsample_generated", show_progress="hidden", **HEAVY)
+    streaming(gen_run.click, "upsample", gpu(300)(lab.generated),
+              [base, gen_class, seed, count, base_respacing, upsampler, up_respacing, npz, preview_every, session],
+              [gen_low, gen_high, gen_status, gen_bar, sharp, gen_files, session],
+              api_name="upsample_generated", show_progress="hidden", **HEAVY)
     suggest.click(on_compute_thread(gpu(60)(lab.suggest)), [photo, upload, upsampler, mode], [top, wild_class, low, suggest_msg],
                   api_name="suggest_classes", show_progress="minimal", **HEAVY)
-    wild_run.click(stoppable("upsample", gpu(300)(lab.wild)),
-                   [photo, upload, upsampler, mode, wild_class, up_respacing, seed, session],
-                   [original, low, cubic, high, numbers, wild_status, sharp, session], api_name="upsample_wild",
-                   show_progress="full", show_progress_on=[wild_status], **HEAVY)
-    classes_run.click(stoppable("upsample", gpu(600)(lab.wild_classes)),
-                      [photo, upload, upsampler, mode, up_respacing, seed, n_classes, session],
-                      [classes_gallery, classes_status, session], api_name="upsample_wild_classes",
-                      show_progress="full", show_progress_on=[classes_status], **HEAVY)
+    streaming(wild_run.click, "upsample", gpu(300)(lab.wild),
+              [photo, upload, upsampler, mode, wild_class, up_respacing, seed, session],
+              [original, low, cubic, high, numbers, wild_status, sharp, session], api_name="upsample_wild",
+              show_progress="full", show_progress_on=[wild_status], **HEAVY)
+    streaming(classes_run.click, "upsample", gpu(600)(lab.wild_classes),
+              [photo, upload, upsampler, mode, up_respacing, seed, n_classes, session],
+              [classes_gallery, classes_status, session], api_name="upsample_wild_classes",
+              show_progress="full", show_progress_on=[classes_status], **HEAVY)
     stop.click(lab.stop, [session], None, api_name="stop_upsample", queue=False)
     upsampler.change(lab.upsampler_options, [upsampler], [wild_class, gen_class], api_name="upsampler_options",
                      show_progress="hidden", **LIGHT)

@@ -73,9 +73,12 @@ def test_sample_streams_then_explorer(client, tmp_path):
     job = client.submit(*sample_args("10", every=2, batch=2), api_name="/sample")
     outputs = list(job)
     statuses = [o[2] for o in outputs]
-    assert sum(s.startswith("Step ") for s in statuses) == 5 and statuses[-1].startswith("Finished step 10/10")
+    # a preview every 2 steps, at most 10 a second: which of them stream depends on the machine's speed
+    shown = [int(s.split("/")[0].removeprefix("Step ")) for s in statuses if s.startswith("Step ")]
+    assert 1 <= len(shown) <= 5 and all(step % 2 == 0 for step in shown) and shown[-1] == 10, statuses
+    assert statuses[-1].startswith("Finished step 10/10")
     previews = {o[0] for o in outputs if isinstance(o[0], str)}
-    assert len(previews) >= 5  # distinct preview files
+    assert previews and all(p.startswith('<img src="data:image/png;base64,') for p in previews)
     files = outputs[-1][9]
     paths = [str(f) for f in files]
     png = next(p for p in paths if p.endswith("sample_00_forest.png"))

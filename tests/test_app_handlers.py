@@ -1,6 +1,10 @@
 """The app's handlers without a server: streaming cadence, stopping inside the loop, results, analysis."""
 from __future__ import annotations
 
+import base64
+import io
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,6 +32,14 @@ def sample(ctx, session, respacing="10", every=3, batch=1, class_choice="forest"
     return handler, gen
 
 
+def inline_image(html: str) -> np.ndarray:
+    """The image of a streamed preview: an <img> carrying its PNG in a data: URL."""
+    match = re.fullmatch(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="[^"]*" width="\d+" height="\d+">',
+                         html)
+    assert match, html[:120]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(match.group(1)))).convert("RGB"))
+
+
 def test_respacing_validation_reports_count_or_problem(app_context):
     message, figure = validate_respacing(app_context, BASE, "ddim25", "ddim", False)
     assert message.startswith("Valid: 25 steps") and figure is not None
@@ -44,10 +56,11 @@ def test_sampling_streams_previews_every_n_steps_then_results(app_context):
     # one "starting" update, previews after steps 3, 6, 9 and 10, then the results
     previews = [o for o in outputs[1:-1]]
     assert [o[2].split(" ")[1] for o in previews] == ["3/10", "6/10", "9/10", "10/10"]
-    frames = [o[0] for o in previews]
+    frames = [inline_image(o[0]) for o in previews]
     # 2 images of the stand-in model side by side at their own size, a white pixel between them
     size = app_context.info(BASE).image_size
     assert all(f.shape == (size, 2 * size + 1, 3) and f.dtype == np.uint8 for f in frames)
+    assert all(inline_image(o[1]).shape == frames[0].shape for o in previews)  # predicted x0 alike
     assert all(o[8] is None and o[9] is None and o[10] is None for o in previews)  # results come at the end
     assert len({f.tobytes() for f in frames}) == len(frames)  # distinct frames
     assert 'aria-valuenow="10"' in outputs[-1][3]  # the progress bar is full

@@ -250,3 +250,45 @@ def test_handlers_run_on_one_compute_thread_one_item_ahead():
     assert (first, rest, doubled) == (0, [1, 2], 8)
     assert ahead == [0, 1]  # item 1 was computed while item 0 was out, and no further
     assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
+
+
+def test_stoppable_postprocesses_each_item_for_its_outputs_on_the_compute_thread():
+    """With the event's outputs, items leave the handler as Gradio's post-processing would make them (the event
+    is registered with postprocess=False); updates and session state pass through for Gradio to handle."""
+    import asyncio
+    import threading
+
+    import gradio as gr
+    import numpy as np
+    import pandas as pd
+
+    from explore.ui.cancel import stoppable
+    from explore.ui.session import Session
+
+    with gr.Blocks():
+        plot = gr.LinePlot(x="step", y="value")
+        gallery = gr.Gallery(format="png")
+        text, state = gr.Markdown(), gr.State()
+    table = pd.DataFrame({"step": [1, 2], "value": [0.5, 0.25]})
+    image = np.full((4, 4, 3), 200, np.uint8)
+    session, threads = Session(), []
+
+    class Probe(gr.LinePlot):  # records the thread that post-processes it
+        def postprocess(self, value):
+            threads.append(threading.get_ident())
+            return super().postprocess(value)
+
+    probe = Probe(x="step", y="value", render=False)
+
+    def handler(session):
+        yield table, [(image, "a")], "**hi**", session, table
+        yield gr.update(), None, "done", session, table
+
+    async def request():
+        return [item async for item in stoppable("sample", handler, [plot, gallery, text, state, probe])(session)]
+
+    first, second = asyncio.run(request())
+    assert first[0] == plot.postprocess(table).model_dump() and first[2] == "**hi**" and first[3] is session
+    assert first[1][0]["image"]["path"].endswith(".png") and first[1][0]["caption"] == "a"
+    assert second[0] == gr.update() and second[1] == gallery.postprocess(None).model_dump()
+    assert len(threads) == 2 and threading.get_ident() not in threads

@@ -5,7 +5,12 @@ between two yields (many sampler steps when previews are sparse) would go on. `s
 handler one item at a time on the app's compute thread and, while it waits, watches the request: on cancellation or
 disconnection it raises the session's stop flag, which the step iterator checks after every step, and then
 closes the generator so its `finally:` blocks free what it holds. The handler runs one item ahead of
-Gradio: while an item (a preview) is post-processed and sent, the next one is already being computed.
+Gradio: while an item (a preview) is sent, the next one is already being computed.
+
+Given the event's output components, `stoppable` also post-processes each item on the compute thread (the event
+is then registered with postprocess=False). Gradio would otherwise hand every output of every streamed message
+to a worker thread in turn; on a busy CPU each hand-off waits for the GIL, which made post-processing the
+largest part of a streamed preview's cost (Gradio's own profiler, GRADIO_PROFILING=1, times it).
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ import asyncio
 import contextvars
 import functools
 import threading
-from typing import Callable
+from typing import Callable, Sequence
+
+from gradio import utils as gradio_utils
 
 from explore.ui.compute import COMPUTE, submit
 from explore.ui.memory import release_memory
@@ -72,15 +79,35 @@ def _event_alive() -> Callable[[], bool]:
     return alive
 
 
-def stoppable(task: str, handler: Callable) -> Callable:
-    """Wrap a generator handler whose Session argument has a stop flag named `task` (see Session.stop)."""
+def serialized(component, value):
+    """What Gradio's post-processing would send for `value` (updates and session state are left to Gradio)."""
+    if getattr(component, "stateful", False) or gradio_utils.is_prop_update(value):
+        return value
+    out = component.postprocess(value)
+    return out.model_dump() if hasattr(out, "model_dump") else out
+
+
+def _serializing(items, outputs: Sequence):
+    try:
+        for item in items:
+            yield tuple(serialized(component, value) for component, value in zip(outputs, item, strict=True))
+    finally:
+        items.close()  # closing this generator closes the handler's at once
+
+
+def stoppable(task: str, handler: Callable, outputs: Sequence | None = None) -> Callable:
+    """Wrap a generator handler whose Session argument has a stop flag named `task` (see Session.stop).
+
+    With `outputs` (the event's output components, registered with postprocess=False) every item is
+    post-processed for them on the compute thread."""
 
     @functools.wraps(handler)
     async def run(*args, **kwargs):
         session = next((a for a in (*args, *kwargs.values()) if isinstance(a, Session)), None)
         alive = _event_alive()
         context = contextvars.copy_context()
-        runner = _Runner(handler(*args, **kwargs))
+        items = handler(*args, **kwargs)
+        runner = _Runner(items if outputs is None else _serializing(items, outputs))
         finished = False
         try:
             pending = runner.submit(context)

@@ -1,6 +1,9 @@
 """Tensors -> display images: grids, nearest-neighbour enlargement, signed maps, animations."""
 from __future__ import annotations
 
+import base64
+import html
+import io
 import math
 from pathlib import Path
 
@@ -37,6 +40,16 @@ def batch_view(x: torch.Tensor | np.ndarray, min_width: int = DISPLAY_PX) -> np.
         x = torch.from_numpy(np.asarray(x, dtype=np.float32))
     pad = 1 if len(x) > 1 else 0
     return enlarge(tile(to_uint8(x), pad=pad), min_width)
+
+
+def inline_png(img: np.ndarray, alt: str) -> str:
+    """HxWx3 uint8 -> an <img> whose PNG travels inside the HTML (a data: URL): a streamed frame then costs no
+    file in Gradio's cache and no second request from the browser."""
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, format="PNG", compress_level=1)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return (f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" '
+            f'width="{img.shape[1]}" height="{img.shape[0]}">')
 
 
 def noise_view(eps: np.ndarray) -> np.ndarray:

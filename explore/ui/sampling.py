@@ -227,7 +227,8 @@ class Sampler:
                 elapsed = now - started
                 status = (f"Step {step.index + 1}/{total} · t = {step.timestep:.0f} · {elapsed:.1f} s · "
                           f"{(step.index + 1) / max(elapsed, 1e-9):.1f} steps/s")
-                yield self._outputs(preview(step.x), preview(step.pred_x0), status, telemetry.frames(final),
+                yield self._outputs(preview(step.x, "x_t"), preview(step.pred_x0, "predicted x0"), status,
+                                    telemetry.frames(final),
                                     bar=progress_bar.bar(step.index + 1, total), session=session, running=True)
         elapsed = time.perf_counter() - started
         if last is None:
@@ -242,7 +243,7 @@ class Sampler:
                   f"({(last.index + 1) / max(elapsed, 1e-9):.1f} steps/s, {previews} previews).")
         if stopped:
             status += " The results below are the partly denoised samples at that step."
-        yield self._outputs(preview(last.x), preview(last.pred_x0), status,
+        yield self._outputs(preview(last.x, "x_t"), preview(last.pred_x0, "predicted x0"), status,
                             telemetry.frames(), gallery, files, command, session,
                             bar=progress_bar.bar(last.index + 1, total))
 
@@ -287,10 +288,10 @@ class Sampler:
         return gallery, [str(f) for f in files], cli.cli_command()
 
 
-def preview(x) -> np.ndarray:
-    """A batch as one grid at the images' own resolution (the page enlarges it with pixelated CSS); small
-    PNGs keep each streamed preview cheap to encode and send."""
-    return images.batch_view(x, min_width=0)
+def preview(x, alt: str) -> str:
+    """A batch as one grid at the images' own resolution, inline in HTML (the page enlarges it with pixelated
+    CSS): a small PNG in the streamed message itself, no file for Gradio to cache and the browser to fetch."""
+    return images.inline_png(images.batch_view(x, min_width=0), alt)
 
 
 def write_trajectory_animation(traj, path: Path) -> Path:

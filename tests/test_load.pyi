@@ -1,0 +1,295 @@
+"""Many users on one server: concurrent streaming clients get the results they would get alone, a full queue
+answers 'busy', and a cancelled run or a closed tab stops the sampling itself within one step."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import load
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+QUEUE_SIZE = 10
+
+
+@pytest.fixture(scope="module")
+def server(app_checkpoints, tmp_path_factory):
+    """The app with a step log (one line per computed sampler step) and a small queue."""
+    work = tmp_path_factory.mktemp("load-server")
+    env = {"EXPLORE_STEP_LOG": str(work / "steps.log"), "EXPLORE_QUEUE_SIZE": str(QUEUE_SIZE)}
+    with load.serve(app_checkpoints, work, env) as running:
+        running.steps_log = work / "steps.log"
+        yield running
+    assert running.proc.returncode is not None
+
+
+def logged_steps(server) -> list[tuple[float, int]]:
+    """(time, step index) of every sampler step the server has computed so far."""
+    if not server.steps_log.exists():
+        return []
+    rows = [line.split() for line in server.steps_log.read_text().splitlines() if line.strip()]
+    return [(float(t), int(i)) for t, i in rows]
+
+
+def wait_for(predicate, timeout=60.0, what="condition"):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_concurrent_streaming_clients_get_what_they_get_alone(server, tmp_path):
+    """8 users x 2 rounds (the short form of `python -m tests.load`): all complete, identical, own state."""
+    started = time.time()
+    report = load.load_test(server.url, clients=8, rounds=2, steps=3, server=server, downloads=tmp_path)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "load-short.json").write_text(json.dumps({**report.__dict__, "summary": report.summary()},
+                                                          indent=1, default=float) + "\n")
+    print(report.summary())
+    assert report.errors == [] and report.runs == report.completed == 16
+    assert report.identical_to_solo == 16 and report.own_state == 16
+    assert report.p95_s > 0 and server.alive()
+    assert time.time() - started < 240
+
+
+def test_a_full_queue_answers_busy_and_the_server_goes_on(server, tmp_path):
+    users = [load.client(server.url, tmp_path / f"user{i}") for i in range(3)]
+    before = len(logged_steps(server))
+    long_run = users[0].submit(*load.sample_args(0, 1000), api_name="/sample")
+    wait_for(lambda: len(logged_steps(server)) > before, what="a running job")
+    jobs, busy = [], []
+    for i in range(QUEUE_SIZE + 4):
+        job = users[1 + i % 2].submit(*load.sample_args(i, 2), api_name="/sample")
+        jobs.append(job)
+    for job in jobs:
+        try:
+            job.result(timeout=0.5)
+        except Exception as err:  # noqa: BLE001 - sorted below
+            if "queue is full" in str(err).lower():
+                busy.append(str(err))
+    assert len(busy) >= 1, "an over-full queue must refuse politely"
+    assert all("Please try again" in message for message in busy), busy
+    for job in (long_run, *jobs):
+        job.cancel()
+    fresh = load.client(server.url, tmp_path / "after")
+    seconds, images = load.run_once(fresh, load.sample_args(1, 2))
+    assert images.shape == (1, 32, 32, 3) and server.alive()
+
+
+def test_cancel_ends_the_sampling_within_one_step(server, tmp_path):
+    """job.cancel() while the handler is between yields (previews only every 50 steps)."""
+    user = load.client(server.url, tmp_path / "user")
+    before = len(logged_steps(server))
+    args = load.sample_args(0, 1000)
+    args[-1] = 50  # previews every 50 steps: the cancel arrives while the loop is between two yields
+    job = user.submit(*args, api_name="/sample")
+    wait_for(lambda: len(logged_steps(server)) >= before + 5, what="5 sampler steps")
+    cancelled = time.time()  # before the request: /cancel itself may wait for the handler
+    job.cancel()
+    time.sleep(2.0)
+    cpu = server.cpu_seconds()
+    time.sleep(1.0)
+    idle_cpu = server.cpu_seconds() - cpu
+    run = logged_steps(server)[before:]
+    after = [i for t, i in run if t > cancelled]
+    # the cancel travels over HTTP while a step runs: the step in flight and at most one that started before
+    # the server saw the request may finish; nothing after that (checked again by the idle CPU below)
+    assert len(after) <= 2, f"{len(after)} steps were computed after the cancel"
+    assert len(run) < 1000 and idle_cpu < 0.3, (len(run), idle_cpu)
+    # the session can run again straight away
+    assert load.run_once(user, load.sample_args(0, 2))[1].shape == (1, 32, 32, 3)
+
+
+CLOSING_CLIENT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[3])
+    import load
+    args = load.sample_args(0, 1000)
+    args[-1] = 50
+    user = load.client(sys.argv[1], Path(sys.argv[2]))
+    user.submit(*args, api_name="/sample")
+    print("submitted", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_closed_tab_ends_the_sampling(server, tmp_path):
+    """A client process killed mid-run (a closed browser tab): the sampling stops within a step of it noticing."""
+    before = len(logged_steps(server))
+    proc = subprocess.Popen([sys.executable, "-c", CLOSING_CLIENT, server.url, str(tmp_path),
+                             str(Path(__file__).parent)], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(logged_steps(server)) >= before + 5, what="5 sampler steps")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    closed = time.time()
+    time.sleep(3.0)
+    cpu = server.cpu_seconds()
+    time.sleep(1.0)
+    idle_cpu = server.cpu_seconds() - cpu
+    run = logged_steps(server)[before:]
+    after = [i for t, i in run if t > closed]
+    print(f"closed tab: {len(after)} steps after the connection closed; {idle_cpu:.2f} s CPU in the next second")
+    assert len(after) <= 3, f"{len(after)} steps were computed after the client went away"
+    assert len(run) < 1000 and idle_cpu < 0.3, (len(run), idle_cpu)
+    assert server.alive()
+
+
+def test_models_are_shared_read_only(app_context):
+    """Every request gets the same loaded module; a run changes none of its weights and swaps nothing."""
+    import hashlib
+
+    import torch
+
+    from explore.ui.sampling import Sampler
+    from explore.ui.session import Session
+
+    def fingerprint(module):
+        digest = hashlib.sha256()
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    entry = app_context.registry.get(load.BASE)
+    before = fingerprint(entry.module)
+    assert not any(p.requires_grad for p in entry.module.parameters()) and not entry.module.training
+    for user in range(2):
+        outputs = list(Sampler(app_context).run(*load.sample_args(user, 2), Session()))
+        assert outputs[-1][2].startswith("Finished")
+    assert app_context.registry.get(load.BASE) is entry and fingerprint(entry.module) == before
+    assert torch.is_grad_enabled()  # the step iterator's no_grad did not leak into the caller
+
+
+def test_stoppable_ends_the_loop_between_yields_and_closes_the_generator():
+    """In-process: a cancelled request raises the stop flag at once; the loop ends after its current step and
+    the generator's finally runs, though the handler yields only once in a thousand steps."""
+    import asyncio
+    import threading
+
+    from explore.ui.cancel import stoppable
+    from explore.ui.session import Session
+
+    session, steps, closed = Session(), [], threading.Event()
+
+    def handler(session):
+        session.start("sample")
+        try:
+            for i in range(1000):
+                if session.stop["sample"]:  # as Plan.steps(should_stop=...) checks after every step
+                    return
+                time.sleep(0.02)
+                steps.append(i)
+                if i == 2:
+                    yield "first preview"
+            yield "never reached"
+        finally:
+            closed.set()
+
+    async def request():
+        run = stoppable("sample", handler)(session)
+        assert await run.__anext__() == "first preview"
+        pending = asyncio.ensure_future(run.__anext__())
+        await asyncio.sleep(0.2)
+        done_before = len(steps)
+        pending.cancel()  # what Gradio does on /cancel
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        return done_before
+
+    done_before = asyncio.run(request())
+    assert closed.wait(5), "the generator was not closed"
+    # at most the step in flight when the cancel came (and one more if that one ended while it was delivered)
+    assert session.stop["sample"] and len(steps) <= done_before + 2 < 1000
+
+
+def test_memory_helpers_are_safe_to_call():
+    from explore.ui import memory
+    assert isinstance(memory.release_memory(), bool) and isinstance(memory.limit_arenas(2), bool)
+
+
+def test_handlers_run_on_one_compute_thread_one_item_ahead():
+    """libgomp slows every op down once several threads have run parallel ops (explore/ui/compute.py): the
+    stoppable generator handlers and the plain heavy handlers all run on the one compute thread; while Gradio
+    delivers an item, the handler is already computing the next."""
+    import asyncio
+    import threading
+
+    from explore.ui.cancel import stoppable
+    from explore.ui.compute import on_compute_thread
+    from explore.ui.session import Session
+
+    threads, computed = [], []
+
+    def handler(session):
+        for i in range(3):
+            threads.append(threading.get_ident())
+            computed.append(i)
+            yield i
+
+    def plain(x):
+        threads.append(threading.get_ident())
+        return 2 * x
+
+    async def request():
+        run = stoppable("sample", handler)(Session())
+        first = await run.__anext__()
+        await asyncio.sleep(0.3)  # "delivering" item 0
+        ahead = list(computed)
+        rest = [item async for item in run]
+        return first, ahead, rest, await on_compute_thread(plain)(4)
+
+    first, ahead, rest, doubled = asyncio.run(request())
+    assert (first, rest, doubled) == (0, [1, 2], 8)
+    assert ahead == [0, 1]  # item 1 was computed while item 0 was out, and no further
+    assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
+
+
+def test_stoppable_postprocesses_each_item_for_its_outputs_on_the_compute_thread():
+    """With the event's outputs, items leave the handler as Gradio's post-processing would make them (the event
+    is registered with postprocess=False); updates and session state pass through for Gradio to handle."""
+    import asyncio
+    import threading
+
+    import gradio as gr
+    import numpy as np
+    import pandas as pd
+
+    from explore.ui.cancel import stoppable
+    from explore.ui.session import Session
+
+    with gr.Blocks():
+        plot = gr.LinePlot(x="step", y="value")
+        gallery = gr.Gallery(format="png")
+        text, state = gr.Markdown(), gr.State()
+    table = pd.DataFrame({"step": [1, 2], "value": [0.5, 0.25]})
+    image = np.full((4, 4, 3), 200, np.uint8)
+    session, threads = Session(), []
+from gradio.events import Dependency
+
+    class Probe(gr.LinePlot):  # records the thread that post-processes it
+        def postprocess(self, value):
+            threads.append(threading.get_ident())
+            return super().postprocess(value)
+
+    probe = Probe(x="step", y="value", render=False)
+
+    def handler(session):
+        yield table, [(image, "a")], "**hi**", session, table
+        yield gr.update(), None, "done", session, table
+
+    async def request():
+        return [item async for item in stoppable("sample", handler, [plot, gallery, text, state, probe])(session)]
+
+    first, second = asyncio.run(request())
+    assert first[0] == plot.postprocess(table).model_dump() and first[2] == "**hi**" and first[3] is session
+    assert first[1]["root"][0]["image"]["path"].endswith(".png") and first[1]["root"][0]["caption"] == "a"
+    assert second[0] == gr.update() and second[1] is None
+    assert len(threads) == 2 and threading.get_ident() not in threads
