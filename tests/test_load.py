@@ -279,6 +279,7 @@ def test_stoppable_postprocesses_each_item_for_its_outputs_on_the_compute_thread
             return super().postprocess(value)
 
     probe = Probe(x="step", y="value", render=False)
+    threads.clear()  # the constructor post-processes the initial value
 
     def handler(session):
         yield table, [(image, "a")], "**hi**", session, table
