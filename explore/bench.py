@@ -304,8 +304,7 @@ def _app_latency(registry: ModelRegistry, repeats: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-app-") as tmp, \
             load.serve(Path(registry.root).resolve(), Path(tmp), {"EXPLORE_THREADS": threads,
                                                                   "OMP_NUM_THREADS": threads}) as server:
-        # previews are not downloaded, as a browser fetches them beside the stream; the client still receives
-        # every streamed message, in order, with the URL of each preview image
+        # previews travel inside the streamed messages (PNG data: URLs), so the client receives each one whole
         user = load.client(server.url, Path(tmp) / "downloads", download=False)
 
         def run(every: int) -> tuple[float | None, float | None, float]:
