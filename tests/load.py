@@ -46,6 +46,11 @@ class Server:
         raise RuntimeError("no VmRSS")
 
     def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far (all its threads; Linux /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    def cpu_seconds(self) -> float:
         """User + system CPU time of the server process so far."""
         fields_ = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
@@ -113,13 +118,29 @@ def sample_args(user: int, respacing: int, batch: int = 1) -> list:
             1000 + user, batch, 2]
 
 
+def stream(job, poll_s: float = 0.002):
+    """A job's streamed outputs, each as soon as it has arrived. Iterating the Job itself would do, but its
+    __next__ sleeps while holding the lock that the receiving thread needs to store a new message, which stalls
+    the stream for up to a second now and then (gradio_client 2.x); public outputs()/done() hold it briefly."""
+    seen = 0
+    while True:
+        done = job.done()
+        outputs = job.outputs()
+        while seen < len(outputs):
+            yield outputs[seen]
+            seen += 1
+        if done:
+            return
+        time.sleep(poll_s)
+
+
 def run_once(user_client, args, timeout: float = 120.0) -> tuple[float, np.ndarray]:
     """Submit, stream every preview, return (seconds, final uint8 images); raise on anything unexpected."""
     from explore.outputs import load_samples_npz
     started = time.perf_counter()
     job = user_client.submit(*args, api_name="/sample")
     outputs = []
-    for output in job:
+    for output in stream(job):
         outputs.append(output)
         if time.perf_counter() - started > timeout:
             job.cancel()

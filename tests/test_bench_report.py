@@ -24,3 +24,15 @@ def test_report_renders_the_committed_results_and_names_re_runs():
 def test_update_needs_only():
     with pytest.raises(SystemExit):
         bench.main(["--update"])
+
+
+def test_paired_overhead_is_the_median_of_back_to_back_ratios():
+    # the machine slows down 2x half-way: the ratio of medians sees noise, each pair still sees +10%
+    slower = {"median_s": 1.65, "samples_s": [1.1, 1.1, 2.2, 2.2, 2.2]}
+    faster = {"median_s": 1.5, "samples_s": [1.0, 1.0, 2.0, 2.0, 2.0]}
+    assert bench.paired_overhead(slower, faster) == pytest.approx(0.10)
+    # one pair caught by a stall: the median ignores it
+    assert bench.paired_overhead({"samples_s": [1.0, 1.0, 1.05, 4.0, 1.0]},
+                                 {"samples_s": [1.0, 1.0, 1.0, 1.0, 1.0]}) == pytest.approx(0.0)
+    # without aligned samples: the ratio of medians
+    assert bench.paired_overhead({"median_s": 1.2}, {"median_s": 1.0}) == pytest.approx(0.2)

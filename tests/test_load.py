@@ -254,7 +254,8 @@ def test_handlers_run_on_one_compute_thread_one_item_ahead():
 
 def test_stoppable_postprocesses_each_item_for_its_outputs_on_the_compute_thread():
     """With the event's outputs, items leave the handler as Gradio's post-processing would make them (the event
-    is registered with postprocess=False); updates and session state pass through for Gradio to handle."""
+    is registered with postprocess=False); updates and session state pass through for Gradio to handle; a value
+    yielded again as the same object is not post-processed again."""
     import asyncio
     import threading
 
@@ -283,13 +284,15 @@ def test_stoppable_postprocesses_each_item_for_its_outputs_on_the_compute_thread
 
     def handler(session):
         yield table, [(image, "a")], "**hi**", session, table
-        yield gr.update(), None, "done", session, table
+        yield gr.update(), None, "done", session, table  # the same table again: its payload is reused
+        yield gr.update(), None, "done", session, table.copy()  # an equal but new table is post-processed
 
     async def request():
         return [item async for item in stoppable("sample", handler, [plot, gallery, text, state, probe])(session)]
 
-    first, second = asyncio.run(request())
+    first, second, third = asyncio.run(request())
     assert first[0] == plot.postprocess(table).model_dump() and first[2] == "**hi**" and first[3] is session
     assert first[1][0]["image"]["path"].endswith(".png") and first[1][0]["caption"] == "a"
     assert second[0] == gr.update() and second[1] == gallery.postprocess(None).model_dump()
+    assert second[4] is first[4] and third[4] == first[4] and third[4] is not first[4]
     assert len(threads) == 2 and threading.get_ident() not in threads

@@ -88,9 +88,19 @@ def serialized(component, value):
 
 
 def _serializing(items, outputs: Sequence):
+    """Each item post-processed for `outputs`. A value the handler yields again (the same object, e.g. telemetry
+    tables between refreshes) reuses its payload: no second post-processing, and Gradio's diff sees no change."""
+    last: list[tuple[object, object]] = [(None, None)] * len(outputs)
     try:
         for item in items:
-            yield tuple(serialized(component, value) for component, value in zip(outputs, item, strict=True))
+            payloads = []
+            for i, (component, value) in enumerate(zip(outputs, item, strict=True)):
+                previous, payload = last[i]
+                if value is not previous or value is None:
+                    payload = serialized(component, value)
+                    last[i] = (value, payload)
+                payloads.append(payload)
+            yield tuple(payloads)
     finally:
         items.close()  # closing this generator closes the handler's at once
 
