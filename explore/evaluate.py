@@ -366,7 +366,7 @@ def render_card(report: dict) -> str:
               f"{', '.join(TRADE_OFF)}; the sweep tables show every scale."]
 
     lines += ["", "## Models", "", "| model | kind | parameters | output | training steps | batch | images seen | "
-              "CPU minutes | data | seed |", "|---|---|---:|---|---:|---:|---:|---:|---|---:|"]
+              "training minutes | data | seed |", "|---|---|---:|---|---:|---:|---:|---:|---|---:|"]
     staged = []
     for name, f in report["models"].items():
         t = f.get("training") or {}
@@ -383,6 +383,9 @@ def render_card(report: dict) -> str:
                                                         f"({st['minutes']} min)" for st in t["stages"]))
     if staged:
         lines += ["", "Trained in stages (a later stage starts from the earlier weights): " + "; ".join(staged) + "."]
+    lines += ["", "Training minutes are the training script's wall-clock time per step, summed over its runs "
+              "(which need not have been on the machine this card ran on); they include time the job shared its "
+              "machine with other work."]
 
     sweep = report["guidance_sweep"]
     if sweep is not None:
