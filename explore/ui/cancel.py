@@ -89,7 +89,8 @@ def serialized(component, value):
 
 def _serializing(items, outputs: Sequence):
     """Each item post-processed for `outputs`. A value the handler yields again (the same object, e.g. telemetry
-    tables between refreshes) reuses its payload: no second post-processing, and Gradio's diff sees no change."""
+    tables between refreshes) reuses its payload: no second post-processing, and Gradio's diff sees no change.
+    Handlers therefore yield new objects for new values and never mutate one they have yielded."""
     last: list[tuple[object, object]] = [(None, None)] * len(outputs)
     try:
         for item in items:
