@@ -46,11 +46,6 @@ class Server:
         raise RuntimeError("no VmRSS")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the server process has used so far (all its threads; Linux /proc)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-    def cpu_seconds(self) -> float:
         """User + system CPU time of the server process so far."""
         fields_ = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")

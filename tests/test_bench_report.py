@@ -34,5 +34,6 @@ def test_paired_overhead_is_the_median_of_back_to_back_ratios():
     # one pair caught by a stall: the median ignores it
     assert bench.paired_overhead({"samples_s": [1.0, 1.0, 1.05, 4.0, 1.0]},
                                  {"samples_s": [1.0, 1.0, 1.0, 1.0, 1.0]}) == pytest.approx(0.0)
-    # without aligned samples: the ratio of medians
-    assert bench.paired_overhead({"median_s": 1.2}, {"median_s": 1.0}) == pytest.approx(0.2)
+    # samples that were not measured in pairs are refused, not compared
+    with pytest.raises(ValueError):
+        bench.paired_overhead({"samples_s": [1.0, 1.1]}, {"samples_s": [1.0]})

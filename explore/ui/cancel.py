@@ -87,21 +87,20 @@ def serialized(component, value):
     return out.model_dump() if hasattr(out, "model_dump") else out
 
 
+_NOTHING = object()  # no value yielded yet
+
+
 def _serializing(items, outputs: Sequence):
     """Each item post-processed for `outputs`. A value the handler yields again (the same object, e.g. telemetry
     tables between refreshes) reuses its payload: no second post-processing, and Gradio's diff sees no change.
     Handlers therefore yield new objects for new values and never mutate one they have yielded."""
-    last: list[tuple[object, object]] = [(None, None)] * len(outputs)
+    last: list[tuple[object, object]] = [(_NOTHING, None)] * len(outputs)
     try:
         for item in items:
-            payloads = []
             for i, (component, value) in enumerate(zip(outputs, item, strict=True)):
-                previous, payload = last[i]
-                if value is not previous or value is None:
-                    payload = serialized(component, value)
-                    last[i] = (value, payload)
-                payloads.append(payload)
-            yield tuple(payloads)
+                if value is not last[i][0]:
+                    last[i] = (value, serialized(component, value))
+            yield tuple(payload for _, payload in last)
     finally:
         items.close()  # closing this generator closes the handler's at once
 
