@@ -331,7 +331,7 @@ def _app_latency(registry: ModelRegistry, repeats: int, threads: int) -> dict:
             return first, last, total, server.cpu_seconds() + time.process_time() - cpu_before
 
         run(1)  # loads the models
-        for pair in range(2 * repeats):  # twice the pairs: a 5% effect on a run of ~1.5 s is close to the noise
+        for pair in range(3 * repeats):  # thrice the pairs: a 5% effect on a run of ~1.5 s is close to the noise
             for every in ((1, 50) if pair % 2 == 0 else (50, 1)):  # alternate which of the pair goes first
                 first, last, total, cpu = run(every)
                 name = "every_step" if every == 1 else "final_only"

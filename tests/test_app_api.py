@@ -73,7 +73,7 @@ def test_sample_streams_then_explorer(client, tmp_path):
     job = client.submit(*sample_args("10", every=2, batch=2), api_name="/sample")
     outputs = list(job)
     statuses = [o[2] for o in outputs]
-    # a preview every 2 steps, at most 10 a second: which of them stream depends on the machine's speed
+    # a preview every 2 steps, at most 5 a second: which of them stream depends on the machine's speed
     shown = [int(s.split("/")[0].removeprefix("Step ")) for s in statuses if s.startswith("Step ")]
     assert 1 <= len(shown) <= 5 and all(step % 2 == 0 for step in shown) and shown[-1] == 10, statuses
     assert statuses[-1].startswith("Finished step 10/10")

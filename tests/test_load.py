@@ -215,40 +215,49 @@ def test_memory_helpers_are_safe_to_call():
     assert isinstance(memory.release_memory(), bool) and isinstance(memory.limit_arenas(2), bool)
 
 
-def test_handlers_run_on_one_compute_thread_one_item_ahead():
+def test_handlers_run_on_one_compute_thread_ahead_of_delivery_and_give_way_between_items():
     """libgomp slows every op down once several threads have run parallel ops (explore/ui/compute.py): the
-    stoppable generator handlers and the plain heavy handlers all run on the one compute thread; while Gradio
-    delivers an item, the handler is already computing the next."""
+    stoppable generator handlers and the plain heavy handlers all run on the one compute thread. While Gradio
+    delivers an item the handler computes the next ones, AHEAD at most; other work queued for the compute thread
+    runs between two items of a long handler instead of after it."""
     import asyncio
     import threading
 
-    from explore.ui.cancel import stoppable
+    from explore.ui.cancel import AHEAD, stoppable
     from explore.ui.compute import on_compute_thread
     from explore.ui.session import Session
 
-    threads, computed = [], []
+    threads, log = [], []
 
     def handler(session):
-        for i in range(3):
+        for i in range(12):
             threads.append(threading.get_ident())
-            computed.append(i)
+            time.sleep(0.01)
+            log.append(i)
             yield i
 
     def plain(x):
         threads.append(threading.get_ident())
+        log.append("plain")
         return 2 * x
 
     async def request():
         run = stoppable("sample", handler)(Session())
         first = await run.__anext__()
         await asyncio.sleep(0.3)  # "delivering" item 0
-        ahead = list(computed)
-        rest = [item async for item in run]
-        return first, ahead, rest, await on_compute_thread(plain)(4)
+        ahead = list(log)
+        rest = asyncio.ensure_future(collect(run))  # taken at once from now on: the handler never waits
+        await asyncio.sleep(0.03)
+        doubled = await on_compute_thread(plain)(4)  # queued while the handler runs on
+        return first, ahead, doubled, await rest
 
-    first, ahead, rest, doubled = asyncio.run(request())
-    assert (first, rest, doubled) == (0, [1, 2], 8)
-    assert ahead == [0, 1]  # item 1 was computed while item 0 was out, and no further
+    async def collect(run):
+        return [item async for item in run]
+
+    first, ahead, doubled, rest = asyncio.run(request())
+    assert (first, doubled, rest) == (0, 8, list(range(1, 12)))
+    assert ahead == list(range(1 + AHEAD))  # items 1.. were computed while item 0 was out, AHEAD of them
+    assert "plain" in log[:-1], log  # the plain handler did not wait for the generator to end
     assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
 
 

@@ -2,10 +2,13 @@
 
 Gradio stops *reading* a generator handler when its event is cancelled or its client goes away, but the work
 between two yields (many sampler steps when previews are sparse) would go on. `stoppable` runs a generator
-handler one item at a time on the app's compute thread and, while it waits, watches the request: on cancellation or
+handler on the app's compute thread and, while it waits for items, watches the request: on cancellation or
 disconnection it raises the session's stop flag, which the step iterator checks after every step, and then
-closes the generator so its `finally:` blocks free what it holds. The handler runs one item ahead of
-Gradio: while an item (a preview) is sent, the next one is already being computed.
+closes the generator so its `finally:` blocks free what it holds.
+
+The handler does not wait for Gradio between items: it hands each one to the event loop and goes on with the
+next (up to AHEAD items not yet taken), so sending a preview costs the step loop no round trip through a busy
+event loop. It gives the compute thread way between two items when other work waits for it.
 
 Given the event's output components, `stoppable` also post-processes each item on the compute thread (the event
 is then registered with postprocess=False). Gradio would otherwise hand every output of every streamed message
@@ -22,46 +25,83 @@ from typing import Callable, Sequence
 
 from gradio import utils as gradio_utils
 
-from explore.ui.compute import COMPUTE, submit
+from explore.ui.compute import others_waiting, schedule
 from explore.ui.memory import release_memory
 from explore.ui.session import Session
 
 POLL_S = 0.05  # how often a waiting handler looks at its request
+AHEAD = 2  # items the handler may compute before Gradio has taken the earlier ones
 _DONE = object()
 
 
-class _Runner:
-    """Advances a sync generator on the compute thread; closes it as soon as it is abandoned and idle."""
+class _Failed:
+    """The exception a handler raised, carried to the event loop to be raised there."""
 
-    def __init__(self, iterator):
-        self.iterator = iterator
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _Producer:
+    """Runs a sync generator on the compute thread and hands its items to the event loop as they come.
+
+    The generator is advanced only on the compute thread, by one task at a time: the task parks when AHEAD items
+    wait to be taken (taking one resumes it), and gives way to other queued work between two items."""
+
+    def __init__(self, iterator, context: contextvars.Context, loop: asyncio.AbstractEventLoop):
+        self.iterator, self.context, self.loop = iterator, context, loop
+        self.items: asyncio.Queue = asyncio.Queue()
         self.lock = threading.Lock()
-        self.busy = False
-        self.abandoned = False
+        self.waiting = 0  # items handed over and not yet taken
+        self.parked = self.abandoned = self.over = False
 
-    def step(self):
-        try:
-            return next(self.iterator, _DONE)
-        finally:
+    def start(self) -> None:
+        schedule(self.context, self._run)
+
+    def _run(self) -> None:
+        while True:
             with self.lock:
-                self.busy = False
                 if self.abandoned:
-                    self._close()
-
-    def _close(self) -> None:
+                    self.over = True
+                    break
+                if self.waiting >= AHEAD:
+                    self.parked = True
+                    return
+            try:
+                item = next(self.iterator, _DONE)
+            except BaseException as error:  # noqa: BLE001 -- raised again on the event loop
+                item = _Failed(error)
+            with self.lock:
+                self.waiting += 1
+                self.over = item is _DONE or isinstance(item, _Failed)
+            try:
+                self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody will take it
+                self.abandoned = True
+                continue
+            if self.over:
+                return
+            if others_waiting():
+                schedule(self.context, self._run)
+                return
         self.iterator.close()
         release_memory()
 
-    def submit(self, context: contextvars.Context) -> asyncio.Future:
+    async def get(self):
+        item = await self.items.get()
         with self.lock:
-            self.busy = True
-        return submit(context, self.step)
+            self.waiting -= 1
+            resume, self.parked = self.parked and not self.over, False
+        if resume:
+            schedule(self.context, self._run)
+        return item
 
     def abandon(self) -> None:
+        """Close the generator as soon as it is between items (at once if it is parked)."""
         with self.lock:
             self.abandoned = True
-            if not self.busy:  # off the event loop: the generator's finally and the trim may take a moment
-                COMPUTE.submit(self._close)
+            resume, self.parked = self.parked and not self.over, False
+        if resume:
+            schedule(self.context, self._run)
 
 
 def _event_alive() -> Callable[[], bool]:
@@ -115,29 +155,33 @@ def stoppable(task: str, handler: Callable, outputs: Sequence | None = None) -> 
     async def run(*args, **kwargs):
         session = next((a for a in (*args, *kwargs.values()) if isinstance(a, Session)), None)
         alive = _event_alive()
-        context = contextvars.copy_context()
         items = handler(*args, **kwargs)
-        runner = _Runner(items if outputs is None else _serializing(items, outputs))
-        finished = False
+        producer = _Producer(items if outputs is None else _serializing(items, outputs), contextvars.copy_context(),
+                             asyncio.get_running_loop())
+        producer.start()
+        finished, taking = False, None
         try:
-            pending = runner.submit(context)
             while True:
+                taking = asyncio.ensure_future(producer.get())
                 while True:
-                    done, _ = await asyncio.wait({pending}, timeout=POLL_S)
+                    done, _ = await asyncio.wait({taking}, timeout=POLL_S)
                     if done:
                         break
                     if session is not None and not alive():  # the tab was closed: end after this step
                         session.request_stop(task)
-                item = pending.result()
+                item = taking.result()
                 if item is _DONE:
                     finished = True
                     return
-                # the handler computes its next item while Gradio encodes and sends this one
-                pending = runner.submit(context)
+                if isinstance(item, _Failed):
+                    finished = True
+                    raise item.error
                 yield item
         finally:  # finished, failed, cancelled, disconnected or closed by Gradio
+            if taking is not None and not taking.done():
+                taking.cancel()
             if session is not None and not finished:
                 session.request_stop(task)  # the step loop ends after the step it is in
-            runner.abandon()
+            producer.abandon()
 
     return run

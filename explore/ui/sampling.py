@@ -168,10 +168,11 @@ class Telemetry:
 class Sampler:
     """The Live sampling tab's run: one generator handler per request, stoppable within a step."""
 
-    # Each streamed preview costs Gradio a message (several ms of Python in the server, which holds up the
-    # step loop's own Python): previews come every N steps but at most this often; the final step always
-    # streams, and every step is recorded for the trajectory explorer whatever is shown.
-    min_preview_interval_s = 0.1
+    # Each streamed preview is a message, and on 2 cores every message slows the run by several ms: the server's
+    # event loop and the client take CPU from the sampling threads. Previews come every N steps but at most this
+    # often, which keeps their cost within 5% of a run (python -m explore.bench); the final step always streams,
+    # and every step is recorded for the trajectory explorer whatever is shown.
+    min_preview_interval_s = 0.2
     progress_interval_s = 0.5  # gr.Progress updates (for API clients; the page shows its own bar) are messages too
 
     def __init__(self, ctx: AppContext):
