@@ -86,7 +86,8 @@ def test_cancel_ends_the_sampling_within_one_step(server, tmp_path):
     """job.cancel() while the handler is between yields (previews only every 50 steps)."""
     user = load.client(server.url, tmp_path / "user")
     before = len(logged_steps(server))
-    args = load.sample_args(0, 1000)
+    # batch 4: steps long enough that the cancel's own trip over HTTP on a busy machine spans at most one
+    args = load.sample_args(0, 1000, batch=4)
     args[-1] = 50  # previews every 50 steps: the cancel arrives while the loop is between two yields
     job = user.submit(*args, api_name="/sample")
     wait_for(lambda: len(logged_steps(server)) >= before + 5, what="5 sampler steps")
