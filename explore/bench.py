@@ -66,7 +66,17 @@ def paired_overhead(slower: dict, faster: dict) -> float:
     """Extra cost of one variant over another, as the median of the ratios of runs made back to back (the
     repeats are interleaved, so sample i of each was measured side by side); drift on a noisy machine cancels
     within a pair."""
-    return statistics.median(x / y for x, y in zip(slower["samples_s"], faster["samples_s"], strict=True)) - 1
+    return statistics.median(_pair_ratios(slower, faster)) - 1
+
+
+def paired_spread(slower: dict, faster: dict) -> tuple[float, float]:
+    """The middle half of the same paired ratios (their quartiles), minus 1: how far one pair is from the next."""
+    q1, _, q3 = statistics.quantiles(_pair_ratios(slower, faster), n=4)
+    return q1 - 1, q3 - 1
+
+
+def _pair_ratios(slower: dict, faster: dict) -> list[float]:
+    return [x / y for x, y in zip(slower["samples_s"], faster["samples_s"], strict=True)]
 
 
 @contextlib.contextmanager
@@ -379,6 +389,11 @@ def _ms(v: float) -> str:
     return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
 
 
+def _spread(slower: dict, faster: dict) -> str:
+    low, high = paired_spread(slower, faster)
+    return f"{low * 100:+.1f}% to {high * 100:+.1f}%"
+
+
 def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -409,7 +424,8 @@ def report(results: dict) -> str:
         lines.append(f"| previews every step cost <= 5% over none (app over HTTP, previews asked for every step and "
                      f"streamed {rate}: {_ms(a['every_step']['median_s'])} vs "
                      f"{_ms(a['final_only']['median_s'])} to the last step's frame, medians; the overhead is the "
-                     f"median of {len(a['every_step']['samples_s'])} back-to-back pairs) | "
+                     f"median of {len(a['every_step']['samples_s'])} back-to-back pairs; the middle half of the "
+                     f"pairs spans {_spread(a['every_step'], a['final_only'])}) | "
                      f"{overhead * 100:+.1f}% | {_verdict(overhead <= 0.05)} |")
         if "every_step_cpu" in a:
             overhead = paired_overhead(a["every_step_cpu"], a["final_only_cpu"])

@@ -37,3 +37,9 @@ def test_paired_overhead_is_the_median_of_back_to_back_ratios():
     # samples that were not measured in pairs are refused, not compared
     with pytest.raises(ValueError):
         bench.paired_overhead({"samples_s": [1.0, 1.1]}, {"samples_s": [1.0]})
+
+
+def test_paired_spread_is_the_middle_half_of_the_ratios():
+    ratios = [0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4]  # slower / faster, pair by pair
+    spread = bench.paired_spread({"samples_s": ratios}, {"samples_s": [1.0] * len(ratios)})
+    assert spread == pytest.approx((-0.1, 0.3))  # quartiles 0.9 and 1.3 (the 'exclusive' method)
