@@ -262,6 +262,32 @@ def test_handlers_run_on_one_compute_thread_ahead_of_delivery_and_give_way_betwe
     assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
 
 
+def test_a_handler_error_reaches_the_request_after_the_items_before_it():
+    """An exception raised by the handler on the compute thread is raised to Gradio, after every item it yielded
+    before it, and the stop flag is left alone (the handler is over)."""
+    import asyncio
+
+    from explore.ui.cancel import stoppable
+    from explore.ui.session import Session
+
+    session = Session()
+
+    def handler(session):
+        session.start("sample")
+        yield "a preview"
+        raise ValueError("bad recipe")
+
+    async def request():
+        got = []
+        with pytest.raises(ValueError, match="bad recipe"):
+            async for item in stoppable("sample", handler)(session):
+                got.append(item)
+        return got
+
+    assert asyncio.run(request()) == ["a preview"]
+    assert not session.stop["sample"]
+
+
 def test_stoppable_postprocesses_each_item_for_its_outputs_on_the_compute_thread():
     """With the event's outputs, items leave the handler as Gradio's post-processing would make them (the event
     is registered with postprocess=False); updates and session state pass through for Gradio to handle; a value

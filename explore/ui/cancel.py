@@ -76,7 +76,8 @@ class _Producer:
             try:
                 self.loop.call_soon_threadsafe(self.items.put_nowait, item)
             except RuntimeError:  # the event loop is gone: nobody will take it
-                self.abandoned = True
+                with self.lock:
+                    self.abandoned = True
                 continue
             if self.over:
                 return
