@@ -61,7 +61,6 @@ class _Producer:
         while True:
             with self.lock:
                 if self.abandoned:
-                    self.over = True
                     break
                 if self.waiting >= AHEAD:
                     self.parked = True
@@ -76,14 +75,14 @@ class _Producer:
             try:
                 self.loop.call_soon_threadsafe(self.items.put_nowait, item)
             except RuntimeError:  # the event loop is gone: nobody will take it
-                with self.lock:
-                    self.abandoned = True
-                continue
+                break
             if self.over:
                 return
             if others_waiting():
                 schedule(self.context, self._run)
                 return
+        with self.lock:  # abandoned, or the event loop is gone
+            self.over = True
         self.iterator.close()
         release_memory()
 
@@ -91,15 +90,17 @@ class _Producer:
         item = await self.items.get()
         with self.lock:
             self.waiting -= 1
-            resume, self.parked = self.parked and not self.over, False
-        if resume:
-            schedule(self.context, self._run)
+        self._unpark()
         return item
 
     def abandon(self) -> None:
         """Close the generator as soon as it is between items (at once if it is parked)."""
         with self.lock:
             self.abandoned = True
+        self._unpark()
+
+    def _unpark(self) -> None:
+        with self.lock:
             resume, self.parked = self.parked and not self.over, False
         if resume:
             schedule(self.context, self._run)

@@ -170,8 +170,8 @@ class Sampler:
 
     # Each streamed preview is a message, and on 2 cores every message slows the run by several ms: the server's
     # event loop and the client take CPU from the sampling threads. Previews come every N steps but at most this
-    # often, which keeps their cost within 5% of a run (python -m explore.bench); the final step always streams,
-    # and every step is recorded for the trajectory explorer whatever is shown.
+    # often, to keep their cost near 5% of a run (python -m explore.bench measures it); the final step always
+    # streams, and every step is recorded for the trajectory explorer whatever is shown.
     min_preview_interval_s = 0.2
     progress_interval_s = 0.5  # gr.Progress updates (for API clients; the page shows its own bar) are messages too
 
