@@ -1,8 +1,8 @@
 """Command line: python -m explore {sample,super-res} [official guided-diffusion flags] [extras].
 
 The official flags are accepted verbatim (paste MODEL_FLAGS / CLASSIFIER_FLAGS /
-SAMPLE_FLAGS from the guided-diffusion README); the extras are --class_label,
---cfg_scale, --sampler, --seed, --noise, --device and a few more (listed below).
+SAMPLE_FLAGS from the guided-diffusion README); the extras (--class_label, --cfg_scale,
+--sampler, --seed, --noise, --device, ...) and every official flag are listed below.
 Writes samples_NxHxWx3.npz (arr_0 uint8 NHWC, arr_1 labels for class-conditional
 runs) and a PNG grid that carries the recipe. Bad input: `error: ...` and exit code 2.
 """
@@ -19,39 +19,32 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from explore.engine import PRECISIONS, Recipe, RecipeError, SeededStepNoise, plan
+from explore.engine import SeededStepNoise, plan
 from explore.models.configs import (CLASSIFIER_DEFAULTS, MODEL_DEFAULTS, SCRIPT_DEFAULTS, SUPERRES_DEFAULTS,
-                                    parse_bool, parse_flag_args)
+                                    parse_flag_args)
 from explore.noise import RecordedNoise
 from explore.outputs import (SampleFileError, from_uint8, image_grid, load_samples_npz, normalise_images,
                              save_png, save_samples_npz, to_uint8)
 from explore.registry import ModelRegistry
-from explore.samplers import SAMPLERS
+from explore.recipe import (AS_RECIPE, Flag, Kind, Number, Option, Recipe, RecipeError, Whole, defaults_of,
+                            options_of, sampler_option_names)
+from explore.samplers import SAMPLERS, sampler_defaults
 from explore.zoo import CheckpointError
 
-EXTRA_FLAGS = {
-    # name: (type, default, help)
-    "sampler": (str, None, f"one of {', '.join(SAMPLERS)} (default ddpm, or ddim with --use_ddim True)"),
-    "class_label": (int, None, "class for every image (default: a class per image from its seed; "
-                               "super-res: overrides the labels of --base_samples)"),
-    "cfg_scale": (float, 1.0, "classifier-free guidance scale (1 = conditional model)"),
-    "uncond_model_path": (str, None, "unconditional checkpoint for two-model CFG"),
-    "guidance_method": (str, "standard", "'standard' or 'conflict' (PixelAsParam projection)"),
-    "seed": (int, 0, "image i uses seed + i"),
-    "noise": (str, None, ".npz/.npy with x_T [N, 3, H, W] (and optional per-step 'steps' [K, N, 3, H, W]); "
-                         "without steps the per-step noise comes from the seeds"),
-    "device": (str, None, "cpu, cuda, cuda:1, mps (default: best available)"),
-    "precision": (str, "fp32", f"{', '.join(PRECISIONS)} for the network forward"),
-    "eta": (float, None, "DDIM / Euler-ancestral noise (default 0 for ddim, 1 for euler_a)"),
-    "churn": (float, 0.0, "Heun stochastic churn"),
-    "karras": (str, "False", "Karras sigmas for euler / euler_a / heun / dpmpp_2m"),
-    "out_dir": (str, "samples", "where the .npz and the PNG grid go"),
-    "base_samples": (str, None, "super-res: an .npz (NHWC or NCHW, labels optional) or a folder of images"),
+SCRIPT_OPTIONS = {
+    # the command line's own flags, not part of a recipe: name: (default, help)
+    "batch_size": ("16", "images per batch (official flag); an image does not depend on the batch it is drawn in"),
+    "use_ddim": ("False", "official flag: True means --sampler ddim"),
+    "noise": (None, ".npz/.npy with x_T [N, 3, H, W] (and optional per-step 'steps' [K, N, 3, H, W]); "
+                    "without steps the per-step noise comes from the seeds"),
+    "device": (None, "cpu, cuda, cuda:1 or mps (default: CUDA, else MPS, else the CPU)"),
+    "out_dir": ("samples", "where the .npz and the PNG grid go"),
+    "base_samples": (None, "super-res: an .npz (NHWC or NCHW, labels optional) or a folder of images"),
 }
-SCRIPT_FLAGS = {"clip_denoised": "True", "num_samples": "16", "batch_size": "16", "use_ddim": "False",
-                "model_path": None, "classifier_path": None, "classifier_scale": "1.0", "timestep_respacing": "250"}
+ARCHITECTURE_FLAGS = {  # official guided-diffusion flags that describe a checkpoint's network
+    "model architecture": MODEL_DEFAULTS, "classifier architecture": CLASSIFIER_DEFAULTS,
+    "super-resolution architecture": SUPERRES_DEFAULTS}
 OFFICIAL_FLAGS = {**SCRIPT_DEFAULTS, **CLASSIFIER_DEFAULTS, **SUPERRES_DEFAULTS, **MODEL_DEFAULTS}
-KNOWN_FLAGS = sorted({*OFFICIAL_FLAGS, *EXTRA_FLAGS, *SCRIPT_FLAGS})
 GIVEN = "_given"  # options key: the flags that were on the command line (not defaults)
 
 
@@ -59,61 +52,65 @@ class CLIError(Exception):
     pass
 
 
-def split_flags(argv: list[str]) -> tuple[dict, dict, dict]:
-    """--key value pairs -> (script/extra options, architecture flags for the models)."""
+def run_flags(recipe_type=Recipe) -> dict[str, tuple[str, Option]]:
+    """Command-line flag -> (recipe field, its Option)."""
+    return {flag: (name, opt) for name, opt in options_of(recipe_type).items() for flag in opt.flags}
+
+
+def cli_defaults(recipe_type=Recipe) -> dict:
+    """Every flag the command line reads for itself (not for the networks), with its default."""
+    recipe_defaults = defaults_of(recipe_type)
+    out = {opt.flag: recipe_defaults.get(name) if opt.cli_default is AS_RECIPE else opt.cli_default
+           for name, opt in options_of(recipe_type).items()}
+    return {**out, **{name: default for name, (default, _) in SCRIPT_OPTIONS.items()}}
+
+
+def known_flags(recipe_type=Recipe) -> list[str]:
+    return sorted({*OFFICIAL_FLAGS, *run_flags(recipe_type), *SCRIPT_OPTIONS})
+
+
+def split_flags(argv: list[str], recipe_type=Recipe) -> tuple[dict, dict, dict]:
+    """--key value pairs -> (run and command-line options, architecture flags for the models, for the classifier)."""
     try:
         flags = parse_flag_args(argv)
     except ValueError as err:
         raise CLIError(str(err)) from None
-    unknown = [k for k in flags if k not in KNOWN_FLAGS]
+    known = known_flags(recipe_type)
+    unknown = [k for k in flags if k not in known]
     if unknown:
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key, KNOWN_FLAGS, n=1)
+            close = difflib.get_close_matches(key, known, n=1)
             hints.append(f"--{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
         raise CLIError(f"unknown flag{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; see --help")
-    options = {k: flags.pop(k) for k in list(flags) if k in EXTRA_FLAGS or k in SCRIPT_FLAGS}
+    defaults = cli_defaults(recipe_type)
+    aliases = {flag: opt.flag for flag, (_, opt) in run_flags(recipe_type).items()}
+    options = {aliases.get(k, k): flags.pop(k) for k in list(flags) if k in defaults or k in aliases}
     options[GIVEN] = frozenset(options)
-    for key, default in SCRIPT_FLAGS.items():
-        options.setdefault(key, default)
-    for key, (_, default, _) in EXTRA_FLAGS.items():
+    for key, default in defaults.items():
         options.setdefault(key, default)
     classifier_flags = {k: v for k, v in flags.items() if k.startswith("classifier_") or k == "image_size"}
     model_flags = {k: v for k, v in flags.items() if not k.startswith("classifier_")}
     return options, model_flags, classifier_flags
 
 
-def _typed(options: dict, key: str):
+def _typed(options: dict, key: str, kind: Kind = Kind()):
+    """A flag's value read by its kind (text from the command line; defaults are already typed)."""
     value = options[key]
-    if value is None:
-        return None
-    kind = EXTRA_FLAGS[key][0] if key in EXTRA_FLAGS else str
+    if not isinstance(value, str):
+        return value
     try:
-        return kind(value)
+        return kind.from_text(value)
     except ValueError:
-        what = {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
-        raise CLIError(f"--{key} expects {what}, got {value!r}") from None
+        raise CLIError(f"--{key} expects {kind.what}, got {value!r}") from None
 
 
 def _int(options, key):
-    try:
-        return int(options[key])
-    except (TypeError, ValueError):
-        raise CLIError(f"--{key} expects a whole number, got {options[key]!r}") from None
-
-
-def _float(options, key):
-    try:
-        return float(options[key])
-    except (TypeError, ValueError):
-        raise CLIError(f"--{key} expects a number, got {options[key]!r}") from None
+    return _typed(options, key, Whole())
 
 
 def _bool(options, key):
-    try:
-        return parse_bool(options[key])
-    except ValueError:
-        raise CLIError(f"--{key} expects True or False, got {options[key]!r}") from None
+    return _typed(options, key, Flag())
 
 
 def make_registry(options: dict, model_flags: dict, classifier_flags: dict) -> ModelRegistry:
@@ -138,28 +135,27 @@ def make_registry(options: dict, model_flags: dict, classifier_flags: dict) -> M
     return ModelRegistry(root="checkpoints", device=device, flags=flags)
 
 
-def recipe_from(options: dict, batch_size: int, seed: int) -> Recipe:
-    sampler = options["sampler"] or ("ddim" if _bool(options, "use_ddim") else "ddpm")
-    classifier = options["classifier_path"]
-    return Recipe(
-        model=options["model_path"], class_label=_typed(options, "class_label"), sampler=sampler,
-        respacing=options["timestep_respacing"], karras=_bool(options, "karras"),
-        cfg_scale=_typed(options, "cfg_scale"), uncond_model=options["uncond_model_path"],
-        classifier=classifier, classifier_scale=_float(options, "classifier_scale") if classifier else 0.0,
-        guidance_method=options["guidance_method"], eta=_typed(options, "eta"), churn=_typed(options, "churn"),
-        seed=seed, batch_size=batch_size, clip_denoised=_bool(options, "clip_denoised"),
-        precision=options["precision"])
+def recipe_from(options: dict, batch_size: int, seed: int, recipe_type=Recipe) -> Recipe:
+    """The recipe of `batch_size` images from seed `seed` that the command line's options describe."""
+    values, defaults = {"batch_size": batch_size, "seed": seed}, defaults_of(recipe_type)
+    for name, opt in options_of(recipe_type).items():
+        if name not in values:
+            needed = opt.needs is None or values.get(opt.needs) is not None
+            values[name] = _typed(options, opt.flag, opt.kind) if needed else defaults[name]
+    if values["sampler"] is None:
+        values["sampler"] = "ddim" if _bool(options, "use_ddim") else "ddpm"
+    return recipe_type(**values)
 
 
-def recipe_from_command(command: str | list[str]) -> Recipe:
+def recipe_from_command(command: str | list[str], recipe_type=Recipe) -> Recipe:
     """The Recipe a `python -m explore sample ...` command line describes (inverse of Recipe.cli_command)."""
     tokens = shlex.split(command) if isinstance(command, str) else list(command)
     if "sample" in tokens:
         tokens = tokens[tokens.index("sample") + 1:]
-    options, _, _ = split_flags(tokens)
+    options, _, _ = split_flags(tokens, recipe_type)
     if not options["model_path"]:
         raise CLIError("--model_path is required")
-    return recipe_from(options, _int(options, "num_samples"), _typed(options, "seed"))
+    return recipe_from(options, _int(options, "num_samples"), _int(options, "seed"), recipe_type)
 
 
 def load_noise(options: dict, device) -> RecordedNoise | None:
@@ -191,7 +187,7 @@ def _noise_slice(noise: RecordedNoise, start: int, count: int, seed: int):
 
 def run_batches(options, registry, total: int, batch_size: int, desc: str, low_res=None, labels=None):
     """Sample `total` images in batches; image i always uses seed + i. Returns uint8 NHWC, labels, recipe."""
-    seed = _typed(options, "seed")
+    seed = _int(options, "seed")
     noise_file = load_noise(options, registry.device)
     if noise_file is not None:
         available = len(noise_file.x_T)
@@ -210,7 +206,7 @@ def run_batches(options, registry, total: int, batch_size: int, desc: str, low_r
 
     run = make_plan(0)  # bad input fails here, before the progress bar appears
     if noise_file is not None and noise_file.steps is not None and len(noise_file.steps) < len(run.grid) \
-            and (run.recipe.sampler in ("ddpm", "ddim", "euler_a") or (run.recipe.sampler == "heun" and run.recipe.churn)):
+            and SAMPLERS[run.recipe.sampler].draws_noise(run.recipe.sampler_options()):
         raise CLIError(f"--noise holds {len(noise_file.steps)} steps of noise; {run.recipe.sampler} with "
                        f"--timestep_respacing {run.recipe.respacing} needs {len(run.grid)}")
     images, all_labels = [], []
@@ -229,11 +225,6 @@ def run_batches(options, registry, total: int, batch_size: int, desc: str, low_r
         bar.close()
     labels_out = np.concatenate(all_labels) if all_labels else None
     return np.concatenate(images), labels_out, recipe_from(options, total, seed)
-
-
-def plan_grid_len(recipe: Recipe):
-    from explore.schedules import space_timesteps
-    return space_timesteps(1000, recipe.respacing)
 
 
 def write_outputs(out_dir: Path, images: np.ndarray, labels, recipe: Recipe, class_conditional: bool,
@@ -306,7 +297,7 @@ def cmd_super_res(argv: list[str]) -> int:
     if small and tuple(low_res.shape[-2:]) != (small, small):
         raise CLIError(f"--base_samples are {low_res.shape[-1]}x{low_res.shape[-2]} px but this upsampler "
                        f"expects {small}x{small} px")
-    class_label = _typed(options, "class_label")
+    class_label = _int(options, "class_label")
     if model.num_labels is None:
         labels = None
     elif class_label is not None:
@@ -353,12 +344,58 @@ def predict_labels(registry: ModelRegistry, classifier_name: str, images: torch.
 COMMANDS = {"sample": cmd_sample, "super-res": cmd_super_res}
 
 
+def help_text(recipe_type=Recipe) -> str:
+    """Every flag, grouped, with its default: the run options from the recipe's definitions, the command line's
+    own, and the official architecture flags."""
+    groups: dict[str, list[tuple[str, str]]] = {"run options (written into every image's recipe)": [],
+                                                "guidance": [], "command line": []}
+    defaults = cli_defaults(recipe_type)
+    for name, opt in options_of(recipe_type).items():
+        default = defaults[opt.flag]
+        text = opt.help + _applies_text(recipe_type, name, opt)
+        if name == "sampler":
+            text += " (default ddpm, or ddim with --use_ddim True)"
+        elif name == "model":
+            text += " (required)"
+        elif default is not None and name not in sampler_option_names(recipe_type) and name != "karras":
+            text += f" (default {opt.kind.text(default)})"
+        names = " / ".join(f"--{flag}" for flag in opt.flags)
+        groups["guidance" if opt.group == "guidance" else "run options (written into every image's recipe)"].append(
+            (names, text))
+    for name, (default, text) in SCRIPT_OPTIONS.items():
+        groups["command line"].append((f"--{name}", text + ("" if default is None else f" (default {default})")))
+    lines = [__doc__.strip(), ""]
+    for title, rows in groups.items():
+        lines.append(f"{title}:")
+        lines += [f"  {flag:<22} {text}" for flag, text in rows]
+        lines.append("")
+    lines.append("official architecture flags (checkpoints recognised by name or that describe themselves need "
+                 "none), with their defaults:")
+    for title, table in ARCHITECTURE_FLAGS.items():
+        lines.append(f"  {title}:")
+        row = ""
+        for flag in (f"--{k} {v if v != '' else repr('')}" for k, v in table.items() if k not in defaults):
+            if row and len(row) + len(flag) > 106:
+                lines.append("    " + row)
+                row = ""
+            row += ("  " if row else "") + flag
+        lines.append("    " + row)
+    return "\n".join(lines)
+
+
+def _applies_text(recipe_type, name: str, opt: Option) -> str:
+    if opt.needs:
+        return f" (with --{options_of(recipe_type)[opt.needs].flag})"
+    if name == "karras":
+        return f"; for {', '.join(n for n, sampler in SAMPLERS.items() if sampler.karras)}"
+    if name in sampler_option_names(recipe_type):
+        takes = {sampler: sampler_defaults(sampler)[name] for sampler in SAMPLERS if name in sampler_defaults(sampler)}
+        return "; for " + ", ".join(f"{sampler} (default {Number().text(value)})" for sampler, value in takes.items())
+    return ""
+
+
 def print_help(file=None) -> None:
-    file = file or sys.stdout
-    print(__doc__, file=file)
-    print("extras:", file=file)
-    for name, (_, default, text) in EXTRA_FLAGS.items():
-        print(f"  --{name:<18} {text} (default {default})", file=file)
+    print(help_text(), file=file or sys.stdout)
 
 
 # Recipe fields as the command line spells them, for error messages.

@@ -23,12 +23,18 @@ class Cond:
 
     labels: Tensor | None = None  # int64 [B] class labels (None for unconditional models)
     low_res: Tensor | None = None  # [B, 3, h, w] in [-1, 1] for super-resolution models
+    requested: Tensor | None = None  # int64 [B] classes asked for where `labels` stand in (CFG's null label)
+
+    @property
+    def classes(self) -> Tensor | None:
+        """The classes asked for, which classifier guidance aims at: `requested`, else `labels`."""
+        return self.labels if self.requested is None else self.requested
 
     def repeat(self, times: int) -> "Cond":
         """The same conditioning for a batch stacked `times` times."""
         def rep(v):
             return None if v is None else torch.cat([v] * times)
-        return Cond(rep(self.labels), rep(self.low_res))
+        return Cond(rep(self.labels), rep(self.low_res), rep(self.requested))
 
 
 @dataclass
@@ -124,3 +130,32 @@ def alpha_bar_at(log_sigmas: Tensor, t: Tensor) -> Tensor:
 def upsampled(low_res: Tensor, size) -> Tensor:
     """The skip of low-res-skip upsamplers: bicubic to `size`, clamped to [-1, 1]."""
     return F.interpolate(low_res.float(), size=tuple(size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+class FixedBatch(torch.nn.Module):
+    """A network evaluated in chunks of exactly `size` rows, the last chunk padded by repeating its last row.
+
+    CPU kernels choose their summation order by batch size (a GEMV for one row, other blockings for 6 or 16),
+    so an image's bits would depend on the batch it was drawn in; at one fixed evaluation size they do not.
+    Rows never mix inside these networks, so each output row depends on its own input row alone. Wrapping
+    the networks (not the guidance) keeps CFG's stacked [cond, uncond] pair of one image in one chunk.
+    """
+
+    def __init__(self, network: torch.nn.Module, size: int = 2):
+        super().__init__()
+        self.network, self.size = network, size
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        n = x.shape[0]
+        if n == self.size:
+            return self.network(x, t, **kwargs)
+        outputs = []
+        for start in range(0, n, self.size):
+            if start + self.size <= n:  # a full chunk: views, no copies
+                index = slice(start, start + self.size)
+            else:  # the last chunk, padded by repeating its last row
+                index = torch.arange(start, start + self.size, device=x.device).clamp_max(n - 1)
+            chunk = {k: None if v is None else v[index] for k, v in kwargs.items()}
+            out = self.network(x[index], t[index] if t.ndim else t, **chunk)
+            outputs.append(out[:min(self.size, n - start)])
+        return torch.cat(outputs)

@@ -12,8 +12,8 @@ on variance-exploding noise levels sigma = sqrt((1 - abar) / abar) (Karras et al
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from functools import cached_property
+import inspect
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -23,7 +23,7 @@ from torch import Tensor
 from explore.denoisers import Cond, Denoiser, Prediction
 from explore.guidance import combine
 from explore.noise import NoiseSource
-from explore.schedules import Schedule, karras_sigmas
+from explore.schedules import Grid
 
 
 @dataclass
@@ -41,48 +41,16 @@ class Step:
     stats: dict[str, Tensor] = field(default_factory=dict)  # per-sample telemetry
 
 
-@dataclass(frozen=True, eq=False)
-class Grid:
-    """The time grid a run walks: a respaced schedule, optionally replaced by Karras sigmas."""
-
-    schedule: Schedule  # respaced schedule (DDPM / DDIM walk its indices K-1 .. 0)
-    base: Schedule  # the full schedule the model was trained on
-    karras: bool = False
-    start: int = 0  # first loop step to run (x_T is then the input of that step)
-
-    @classmethod
-    def make(cls, noise_schedule: str = "linear", respacing: str = "", steps: int = 1000,
-             karras: bool = False) -> "Grid":
-        base = Schedule.named(noise_schedule, steps)
-        return cls(base.respace(respacing), base, karras)
-
-    def __len__(self) -> int:
-        return len(self.schedule)
-
-    def from_step(self, start: int) -> "Grid":
-        """The same grid, entered at loop step `start` (replay a step, or branch a trajectory)."""
-        if not 0 <= start < len(self):
-            raise ValueError(f"start step {start} is outside 0..{len(self) - 1}")
-        return replace(self, start=start)
-
-    @cached_property
-    def sigmas(self) -> np.ndarray:
-        """Descending VE noise levels, one per step, followed by a final 0."""
-        if self.karras:
-            levels = karras_sigmas(self.base.sigmas[0], self.base.sigmas[-1], len(self.schedule))
-        else:
-            levels = self.base.sigmas[self.schedule.timesteps[::-1]]
-        return np.append(levels, 0.0)
-
-    @cached_property
-    def times(self) -> np.ndarray:
-        """Original (possibly fractional) timestep for each noise level in `sigmas[:-1]`."""
-        if self.karras:
-            return self.base.timestep_for_sigma(self.sigmas[:-1])
-        return self.schedule.timesteps[::-1].astype(np.float64)
-
-
 Sampler = Callable[..., Iterator[Step]]
+
+
+def facts(*, karras: bool, draws_noise: Callable[[dict], bool] = lambda options: True):
+    """What the edges need to know of a sampler, kept with it: whether it runs on Karras sigmas, and whether it
+    draws per-step noise given its options. Its options and their defaults are its keyword arguments."""
+    def mark(sampler: Sampler) -> Sampler:
+        sampler.karras, sampler.draws_noise = karras, draws_noise
+        return sampler
+    return mark
 
 
 def _stack_t(value: float, x: Tensor) -> Tensor:
@@ -120,6 +88,7 @@ def _denoise(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Cond, abar: float,
     return x0, eps, pred, guide
 
 
+@facts(karras=False)
 def sample_ddpm(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: NoiseSource, *,
                 clip_denoised: bool = True) -> Iterator[Step]:
     """Ancestral sampling (Ho et al. 2020) with learned-range or fixed-large variance (Nichol & Dhariwal 2021).
@@ -153,6 +122,7 @@ def sample_ddpm(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: 
         yield Step(s, total, float(sched.timesteps[k]), float(grid.sigmas[s]), x, x0, pred.eps, guide, pred.stats)
 
 
+@facts(karras=False)
 def sample_ddim(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: NoiseSource, *,
                 eta: float = 0.0, clip_denoised: bool = True) -> Iterator[Step]:
     """DDIM (Song et al. 2021, eq. 12); eta = 1 gives ancestral-like noise. Guidance in score form."""
@@ -192,6 +162,7 @@ def _ve_step(s: int, total: int, t: float, sigma: float, sigma_next: float, x_ne
     return Step(s, total, float(t), float(sigma), x_next * scale, x0, eps, guide, pred.stats)
 
 
+@facts(karras=True, draws_noise=lambda options: False)
 def sample_euler(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: NoiseSource, *,
                  clip_denoised: bool = True) -> Iterator[Step]:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 with Euler steps)."""
@@ -203,6 +174,7 @@ def sample_euler(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise:
         yield _ve_step(s, total, times[s], sigmas[s], sigmas[s + 1], x, x0, eps, guide, pred)
 
 
+@facts(karras=True)
 def sample_euler_ancestral(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: NoiseSource, *,
                            eta: float = 1.0, clip_denoised: bool = True) -> Iterator[Step]:
     """Euler step down to sigma_down, then fresh noise up to sigma_next (k-diffusion's ancestral Euler)."""
@@ -220,6 +192,7 @@ def sample_euler_ancestral(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Co
         yield _ve_step(s, total, times[s], sigma, sigma_next, x, x0, eps, guide, pred)
 
 
+@facts(karras=True, draws_noise=lambda options: options.get("churn", 0.0) > 0)
 def sample_heun(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: NoiseSource, *,
                 churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
                 clip_denoised: bool = True) -> Iterator[Step]:
@@ -248,6 +221,7 @@ def sample_heun(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: 
         yield _ve_step(s, total, t_hat, sigma_hat, sigma_next, x, x0, d_cur, guide, pred)
 
 
+@facts(karras=True, draws_noise=lambda options: False)
 def sample_dpmpp_2m(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: NoiseSource, *,
                     clip_denoised: bool = True) -> Iterator[Step]:
     """DPM-Solver++(2M), multistep 2nd order in log-sigma time (Lu et al. 2022, Alg. 2)."""
@@ -272,7 +246,9 @@ def sample_dpmpp_2m(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noi
 
 def _no_karras(grid: Grid, name: str) -> None:
     if grid.karras:
-        raise ValueError(f"Karras sigmas do not apply to the {name} sampler; use euler, euler_a, heun or dpmpp_2m")
+        supported = [other for other, sampler in SAMPLERS.items() if sampler.karras]
+        raise ValueError(f"Karras sigmas do not apply to the {name} sampler; use {', '.join(supported[:-1])} or "
+                         f"{supported[-1]}")
 
 
 SAMPLERS: dict[str, Sampler] = {
@@ -284,6 +260,8 @@ SAMPLERS: dict[str, Sampler] = {
     "dpmpp_2m": sample_dpmpp_2m,
 }
 
-SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "ddpm": (), "ddim": ("eta",), "euler": (), "euler_a": ("eta",), "heun": ("churn",), "dpmpp_2m": (),
-}
+
+def sampler_defaults(name: str) -> dict:
+    """A sampler's keyword options and their defaults (clip_denoised included)."""
+    return {p.name: p.default for p in inspect.signature(SAMPLERS[name]).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -211,3 +211,44 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     ramp = np.linspace(0, 1, n)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """The time grid a run walks: a respaced schedule, optionally replaced by Karras sigmas."""
+
+    schedule: Schedule  # respaced schedule (DDPM / DDIM walk its indices K-1 .. 0)
+    base: Schedule  # the full schedule the model was trained on
+    karras: bool = False
+    start: int = 0  # first loop step to run (x_T is then the input of that step)
+
+    @classmethod
+    def make(cls, noise_schedule: str = "linear", respacing: str = "", steps: int = 1000,
+             karras: bool = False) -> "Grid":
+        base = Schedule.named(noise_schedule, steps)
+        return cls(base.respace(respacing), base, karras)
+
+    def __len__(self) -> int:
+        return len(self.schedule)
+
+    def from_step(self, start: int) -> "Grid":
+        """The same grid, entered at loop step `start` (replay a step, or branch a trajectory)."""
+        if not 0 <= start < len(self):
+            raise ValueError(f"start step {start} is outside 0..{len(self) - 1}")
+        return replace(self, start=start)
+
+    @cached_property
+    def sigmas(self) -> np.ndarray:
+        """Descending VE noise levels, one per step, followed by a final 0."""
+        if self.karras:
+            levels = karras_sigmas(self.base.sigmas[0], self.base.sigmas[-1], len(self.schedule))
+        else:
+            levels = self.base.sigmas[self.schedule.timesteps[::-1]]
+        return np.append(levels, 0.0)
+
+    @cached_property
+    def times(self) -> np.ndarray:
+        """Original (possibly fractional) timestep for each noise level in `sigmas[:-1]`."""
+        if self.karras:
+            return self.base.timestep_for_sigma(self.sigmas[:-1])
+        return self.schedule.timesteps[::-1].astype(np.float64)
