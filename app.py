@@ -10,7 +10,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from explore.data.wild import WILD_PHOTO_NAMES  # noqa: E402
-from explore.samplers import SAMPLERS  # noqa: E402
+from explore.recipe import sampler_option_names  # noqa: E402
 from explore.ui import memory, plots, progress, trajectory  # noqa: E402
 from explore.ui.compare import COLUMNS, Comparison  # noqa: E402
 from explore.ui.context import AppContext, class_choices  # noqa: E402
@@ -18,7 +18,8 @@ from explore.ui.cancel import stoppable  # noqa: E402
 from explore.ui.compute import on_compute_thread  # noqa: E402
 from explore.ui.gpu import gpu  # noqa: E402
 from explore.ui.inputs import Dropdown, Image, Number, Radio, Slider  # noqa: E402  (field-named input checks)
-from explore.ui.sampling import Sampler, sampler_changed  # noqa: E402
+from explore.ui.form import Form, page_errors  # noqa: E402
+from explore.ui.sampling import Sampler  # noqa: E402
 from explore.ui.session import new_session  # noqa: E402
 from explore.ui.upsample_lab import METRIC_COLUMNS, NATIVE, WHOLE, Lab, lab_class_choices  # noqa: E402
 
@@ -26,11 +27,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSS_PATH = os.path.join(HERE, "assets", "style.css")
 HEAVY = {"concurrency_id": "model", "concurrency_limit": 1}  # one model computation at a time (one GPU)
 LIGHT = {"concurrency_limit": 4}
-METHODS = [("standard", "standard"), ("conflict projection", "conflict")]
 
 
 def streaming(trigger, task: str, handler, inputs, outputs, **kwargs):
     """A stoppable generator handler whose messages are post-processed on the compute thread (cancel.py)."""
+    path = os.environ.get("EXPLORE_STREAMING")
+    if path == "plain":
+        return trigger(handler, inputs, outputs, **kwargs)
+    if path == "ahead":
+        return trigger(stoppable(task, handler), inputs, outputs, **kwargs)
+    if path == "thin":
+        from explore.ui.cancel import stoppable_thin
+        return trigger(stoppable_thin(task, handler), inputs, outputs, **kwargs)
     return trigger(stoppable(task, handler, outputs), inputs, outputs, postprocess=False, **kwargs)
 
 
@@ -46,29 +54,28 @@ def sampling_tab(ctx: AppContext, session: gr.State):
     model0 = _prefer(models, "scenes32_base")
     info0 = ctx.info(model0)
     classifiers = [n for n in ctx.names("classifier") if ctx.info(n).image_size == info0.image_size]
+    form = Form(ctx)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
-            model = Dropdown(models, value=model0, label="Model")
-            class_choice = Dropdown(class_choices(info0), value=class_choices(info0)[0], label="Class")
+            model = form.widget("model", choices=models, value=model0)
+            class_choice = form.widget("class_label", choices=class_choices(info0), value=class_choices(info0)[0])
             with gr.Row():
-                sampler = Dropdown(list(SAMPLERS), value="ddim", label="Sampler", min_width=120)
-                respacing = gr.Textbox("50", label="Timestep respacing", info="'50', 'ddim25', '10,15,20'",
-                                       min_width=140, elem_id="sample-respacing")
+                sampler = form.widget("sampler", value="ddim", min_width=120)
+                respacing = form.widget("respacing", value="50", min_width=140, elem_id="sample-respacing")
             respacing_msg = gr.Markdown(elem_id="respacing-msg")
-            karras = gr.Checkbox(False, label="Karras noise levels", interactive=False)
+            karras = form.widget("karras")
             with gr.Row():
-                eta = Slider(0, 1, 0.0, step=0.05, label="eta", visible=True, min_width=120)
-                churn = Slider(0, 80, 0.0, step=1, label="churn (Heun)", visible=False, min_width=120)
+                for name in sampler_option_names():
+                    form.widget(name, min_width=120)
             with gr.Group():
-                classifier = Dropdown(["none", *classifiers], value=classifiers[0] if classifiers else "none",
-                                         label="Guidance classifier")
-                classifier_scale = Slider(0, 20, 0.0, step=0.5, label="Classifier-guidance scale")
-                cfg_scale = Slider(0, 10, 1.0, step=0.25, label="CFG scale (1 = conditional model)",
-                                      interactive=info0.null_class is not None)
-                method = Radio(METHODS, value="standard", label="Guidance method")
+                classifier = form.widget("classifier", choices=["none", *classifiers],
+                                         value=classifiers[0] if classifiers else "none")
+                form.widget("classifier_scale")
+                cfg_scale = form.widget("cfg_scale", interactive=info0.null_class is not None)
+                form.widget("guidance_method")
             with gr.Row():
-                seed = Number(0, precision=0, minimum=0, label="Seed", min_width=100)
-                batch = Slider(1, 16, 2, step=1, label="Batch size", min_width=120, elem_id="sample-batch")
+                form.widget("seed", min_width=100)
+                form.widget("batch_size", value=2, min_width=120, elem_id="sample-batch")
             preview_every = Slider(1, 50, 5, step=1, label="Preview every N steps", elem_id="sample-every",
                                    info=f"at most {1 / Sampler.min_preview_interval_s:.0f} previews a second; "
                                    "every step is kept for the trajectory")
@@ -99,20 +106,22 @@ def sampling_tab(ctx: AppContext, session: gr.State):
             command = gr.Code(label="Reproduce on the command line", language="shell", elem_id="reproduce",
                               interactive=False, lines=2, max_lines=6, wrap_lines=True)
     gr.Examples(_sampling_examples(ctx, model0, classifiers),
-                inputs=[model, class_choice, sampler, respacing, classifier, classifier_scale, cfg_scale, method],
+                inputs=[form.components[name] for name in ("model", "class_label", "sampler", "respacing",
+                                                           "classifier", "classifier_scale", "cfg_scale",
+                                                           "guidance_method")],
                 label="Examples", cache_examples=False)
 
     sampler_h = Sampler(ctx)
-    inputs = [model, class_choice, sampler, respacing, karras, classifier, classifier_scale, cfg_scale, method,
-              eta, churn, seed, batch, preview_every, session]
+    run_fn, inputs = form.event(sampler_h.run, Sampler.INPUTS, {"preview_every": preview_every, "session": session},
+                                precision=ctx.precision)
     outputs = [x_t, x0, status, bar, *tele, gallery, files, command, session]
-    event = streaming(run.click, "sample", gpu(300)(sampler_h.run), inputs, outputs, api_name="sample",
+    event = streaming(run.click, "sample", gpu(300)(run_fn), inputs, outputs, api_name="sample",
                       show_progress="hidden", **HEAVY)
     stop.click(sampler_h.stop, [session], None, api_name="stop_sample", queue=False)
     check = [model, respacing, sampler, karras]
     respacing.change(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
                      api_name="validate_respacing", show_progress="hidden", trigger_mode="always_last", **LIGHT)
-    sampler.change(sampler_changed, [sampler], [eta, churn, karras], api_name="sampler_options",
+    sampler.change(form.sampler_changed, [sampler], form.sampler_outputs(), api_name="sampler_options",
                    show_progress="hidden", **LIGHT) \
         .then(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
               api_name="validate_respacing_sampler", show_progress="hidden", **LIGHT)
@@ -150,23 +159,23 @@ def compare_tab(ctx: AppContext, session: gr.State):
     if not evaluators:
         gr.Markdown(ctx.missing("evaluator", "evaluation classifier", "scenes32_evaluator.safetensors")
                     + " The grid still fills, without per-cell numbers.")
+    form = Form(ctx)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
-            model = Dropdown(models, value=model0, label="Model")
+            model = form.widget("model", choices=models, value=model0)
             names = class_choices(info0)[1:]
-            class_choice = Dropdown(names, value=names[0], label="Requested class")
+            class_choice = form.widget("class_label", choices=names, value=names[0], label="Requested class")
             with gr.Row():
-                sampler = Dropdown(list(SAMPLERS), value="ddim", label="Sampler", min_width=120)
-                respacing = gr.Textbox("25", label="Timestep respacing", min_width=120, elem_id="compare-respacing")
-            classifier = Dropdown(["none", *classifiers], value=classifiers[0] if classifiers else "none",
-                                     label="Guidance classifier")
+                form.widget("sampler", value="ddim", min_width=120)
+                form.widget("respacing", value="25", min_width=120, elem_id="compare-respacing")
+            form.widget("classifier", choices=["none", *classifiers], value=classifiers[0] if classifiers else "none")
             classifier_scales = gr.Textbox("0, 2, 6", label="Classifier scales (rows)", elem_id="compare-clf-scales")
             cfg_scales = gr.Textbox("1, 2, 4", label="CFG scales (columns)", elem_id="compare-cfg-scales")
-            method = Radio(METHODS, value="standard", label="Guidance method")
+            form.widget("guidance_method")
             with gr.Row():
-                seed = Number(0, precision=0, minimum=0, label="Seed", min_width=100)
-                per_cell = Slider(1, 8, 4, step=1, label="Images per cell", min_width=120,
-                                     elem_id="compare-per-cell")
+                form.widget("seed", min_width=100)
+                form.widget("batch_size", maximum=8, value=4, label="Images per cell",
+                            min_width=120, elem_id="compare-per-cell")
             evaluator = Dropdown(["none", *evaluators], value=evaluators[0] if evaluators else "none",
                                     label="Evaluation classifier (never used for guidance)")
             with gr.Row():
@@ -182,11 +191,12 @@ def compare_tab(ctx: AppContext, session: gr.State):
             tradeoff = gr.Plot(label="Trade-off", format="png", elem_id="compare-tradeoff", show_label=False)
             files = gr.File(label="Downloads", file_count="multiple")
     handler = Comparison(ctx)
-    streaming(run.click, "compare", gpu(600)(handler.run),
-              [model, class_choice, sampler, respacing, classifier, classifier_scales, cfg_scales, method, seed,
-               per_cell, evaluator, session],
-              [grid, table, tradeoff, status, bar, files, session], api_name="compare", show_progress="hidden",
-              **HEAVY)
+    run_fn, inputs = form.event(handler.run, Comparison.INPUTS,
+                                {"classifier_scales": classifier_scales, "cfg_scales": cfg_scales,
+                                 "evaluator": evaluator, "session": session}, allow_random=False,
+                                precision=ctx.precision)
+    streaming(run.click, "compare", gpu(600)(run_fn), inputs, [grid, table, tradeoff, status, bar, files, session],
+              api_name="compare", show_progress="hidden", **HEAVY)
     stop.click(handler.stop, [session], None, api_name="stop_compare", queue=False)
     model.change(handler.model_options, [model], [class_choice], api_name="compare_model_options",
                  show_progress="hidden",
@@ -219,8 +229,8 @@ def trajectory_tab(session: gr.State):
                 show_progress="hidden", **LIGHT)
     load.click(trajectory.load_latest, [session, tol], loaded, api_name="trajectory_load", **LIGHT) \
         .success(**show, api_name="trajectory_show_loaded")
-    upload.upload(trajectory.load_file, [session, upload, tol], [*loaded, session], api_name="trajectory_upload",
-                  **LIGHT).success(**show, api_name="trajectory_show_uploaded")
+    upload.upload(page_errors(trajectory.load_file), [session, upload, tol], [*loaded, session],
+                  api_name="trajectory_upload", **LIGHT).success(**show, api_name="trajectory_show_uploaded")
     step.input(**show, api_name="trajectory_step", trigger_mode="always_last")
     image_choice.input(**show, api_name="trajectory_image") \
         .then(trajectory.settle_for, [session, image_choice, tol], [settle], api_name="trajectory_settle_image",
@@ -305,17 +315,18 @@ def upsample_tab(ctx: AppContext, session: gr.State):
     sharp = gr.Plot(plots.sharpness_figure({}), label="Sharpness: generated vs wild", format="png",
                     elem_id="lab-sharpness", show_label=False)
 
-    streaming(gen_run.click, "upsample", gpu(300)(lab.generated),
+    streaming(gen_run.click, "upsample", gpu(300)(page_errors(lab.generated)),
               [base, gen_class, seed, count, base_respacing, upsampler, up_respacing, npz, preview_every, session],
               [gen_low, gen_high, gen_status, gen_bar, sharp, gen_files, session],
               api_name="upsample_generated", show_progress="hidden", **HEAVY)
-    suggest.click(on_compute_thread(gpu(60)(lab.suggest)), [photo, upload, upsampler, mode], [top, wild_class, low, suggest_msg],
+    suggest.click(on_compute_thread(gpu(60)(page_errors(lab.suggest))), [photo, upload, upsampler, mode],
+                  [top, wild_class, low, suggest_msg],
                   api_name="suggest_classes", show_progress="minimal", **HEAVY)
-    streaming(wild_run.click, "upsample", gpu(300)(lab.wild),
+    streaming(wild_run.click, "upsample", gpu(300)(page_errors(lab.wild)),
               [photo, upload, upsampler, mode, wild_class, up_respacing, seed, session],
               [original, low, cubic, high, numbers, wild_status, sharp, session], api_name="upsample_wild",
               show_progress="full", show_progress_on=[wild_status], **HEAVY)
-    streaming(classes_run.click, "upsample", gpu(600)(lab.wild_classes),
+    streaming(classes_run.click, "upsample", gpu(600)(page_errors(lab.wild_classes)),
               [photo, upload, upsampler, mode, up_respacing, seed, n_classes, session],
               [classes_gallery, classes_status, session], api_name="upsample_wild_classes",
               show_progress="full", show_progress_on=[classes_status], **HEAVY)

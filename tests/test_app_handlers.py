@@ -14,6 +14,7 @@ from explore.outputs import load_samples_npz, read_png_recipe, to_uint8
 from explore.ui import metrics
 from explore.ui.compare import Comparison, parse_scales
 from explore.ui.context import AppContext
+from explore.ui.form import Form
 from explore.ui.sampling import Sampler, validate_respacing
 from explore.ui.session import Session
 from explore.ui.trajectory import Trajectory, load_file, load_latest, show_step
@@ -28,8 +29,13 @@ def sample(ctx, session, respacing="10", every=3, batch=1, class_choice="forest"
             5, batch, every, session]
     handler = Sampler(ctx)
     handler.min_preview_interval_s = handler.progress_interval_s = 0.0  # the stand-in model is fast
-    gen = handler.run(*args, progress=progress) if progress else handler.run(*args)
+    run = Form(ctx).handler(handler.run, Sampler.INPUTS, precision=ctx.precision)  # as the app wires it
+    gen = run(*args, progress=progress) if progress else run(*args)
     return handler, gen
+
+
+def compare(ctx, *args):
+    return Form(ctx).handler(Comparison(ctx).run, Comparison.INPUTS, allow_random=False, precision=ctx.precision)(*args)
 
 
 def inline_image(html: str) -> np.ndarray:
@@ -183,8 +189,8 @@ def test_bad_form_values_become_readable_errors(app_context):
 
 def test_comparison_uses_one_noise_and_scores_each_cell(app_context):
     session = Session()
-    outputs = list(Comparison(app_context).run(BASE, "desert", "ddim", "5", CLF, "0, 3", "1, 2", "standard", 7, 2,
-                                               EVAL, session))
+    outputs = list(compare(app_context, BASE, "desert", "ddim", "5", CLF, "0, 3", "1, 2", "standard", 7, 2, EVAL,
+                           session))
     grid, table, _, status, bar, files, _ = outputs[-1]
     assert 'aria-valuenow="4"' in bar
     assert status.startswith("Finished 4 cells") and len(files) == 3
@@ -202,8 +208,7 @@ def test_comparison_uses_one_noise_and_scores_each_cell(app_context):
 
 def test_comparison_stops_between_cells(app_context):
     session = Session()
-    gen = Comparison(app_context).run(BASE, "lake", "ddim", "5", CLF, "0", "1, 2, 3", "standard", 0, 1, EVAL,
-                                      session)
+    gen = compare(app_context, BASE, "lake", "ddim", "5", CLF, "0", "1, 2, 3", "standard", 0, 1, EVAL, session)
     next(gen), next(gen)  # the empty grid, then the first cell
     session.request_stop("compare")
     rest = list(gen)

@@ -11,17 +11,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from explore.engine import Recipe, RecipeError, plan
+from explore.classify import classify
+from explore.engine import Recipe, plan
 from explore.noise import PerImageNoise, Recorder
 from explore.outputs import save_png, save_samples_npz, to_uint8
 from explore.ui import images, plots, progress as progress_bar
-from explore.ui.context import AppContext, class_choices, class_index, optional
-from explore.ui.sampling import check_compatible
+from explore.ui.context import AppContext, class_choices, optional
 from explore.ui.session import Session, ensure
-from explore.validate import MAX_SEED, InputError, whole
 
 MAX_VALUES = 6  # per axis
-MAX_PER_CELL = 16
 COLUMNS = ["classifier scale", "CFG scale", "confidence", "accuracy", "diversity", "seconds"]
 
 
@@ -48,11 +46,8 @@ def evaluate(ctx: AppContext, evaluator: str | None, x: torch.Tensor, label: int
     """Evaluation-classifier numbers for one cell: confidence in the requested class, accuracy, diversity."""
     if evaluator is None:
         return {"confidence": None, "accuracy": None, "diversity": None}
-    module = ctx.registry.get(evaluator).module
-    with torch.no_grad():
-        features = module.features(x)
-        probs = torch.softmax(module.head(features).float(), -1) if hasattr(module, "head") else \
-            torch.softmax(module(x).float(), -1)
+    classified = classify(ctx.registry.get(evaluator), x)
+    probs, features = classified.probs, classified.features
     confidence = float(probs[:, label].mean())
     accuracy = float((probs.argmax(-1) == label).float().mean())
     diversity = float(torch.pdist(features.float()).mean()) if len(x) > 1 else None
@@ -61,6 +56,10 @@ def evaluate(ctx: AppContext, evaluator: str | None, x: torch.Tensor, label: int
 
 class Comparison:
     """The Guidance comparison tab: cells filled one by one, stoppable within a step."""
+
+    # the API's parameters in order: recipe fields (batch_size = images per cell) and the sweep's own
+    INPUTS = ("model", "class_label", "sampler", "respacing", "classifier", "classifier_scales", "cfg_scales",
+              "guidance_method", "seed", "batch_size", "evaluator", "session")
 
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
@@ -74,34 +73,17 @@ class Comparison:
         names = class_choices(self.ctx.info(model))[1:]
         return gr.update(choices=names, value=names[0] if names else None)
 
-    def run(self, model, class_choice, sampler, respacing, classifier, classifier_scales, cfg_scales,
-            guidance_method, seed, per_cell, evaluator, session: Session, progress=gr.Progress()):
+    def run(self, base: Recipe, classifier_scales, cfg_scales, evaluator, session: Session, progress=gr.Progress()):
         """Sweep classifier scales (rows) x CFG scales (columns) on the same seed and noise."""
         session = ensure(session)
-        if not model:
-            raise gr.Error("Choose a model.")
-        info = self.ctx.info(model)
+        info = self.ctx.info(base.model)
         if info.num_labels is None:
-            raise gr.Error(f"{model} is unconditional; the comparison needs a class-conditional model.")
-        label = class_index(info, class_choice, allow_random=False)
-        classifier, evaluator = optional(classifier), optional(evaluator)
-        check_compatible(self.ctx, model, classifier)
+            raise gr.Error(f"{base.model} is unconditional; the comparison needs a class-conditional model.")
+        label, per_cell, evaluator = base.class_label, base.batch_size, optional(evaluator)
         if evaluator is not None and self.ctx.info(evaluator).kind != "evaluator":
             raise gr.Error(f"{evaluator} is not an evaluation classifier.")
-        rows = parse_scales(classifier_scales, "classifier scales", 0.0, 1000.0) if classifier else [0.0]
+        rows = parse_scales(classifier_scales, "classifier scales", 0.0, 1000.0) if base.classifier else [0.0]
         cols = parse_scales(cfg_scales, "CFG scales", 0.0, 100.0) if info.null_class is not None else [1.0]
-        try:
-            per_cell = whole("images per cell", per_cell, 1, min(MAX_PER_CELL, self.ctx.registry.caps.batch))
-            seed = whole("seed", seed, 0, MAX_SEED)
-        except InputError as err:
-            raise gr.Error(str(err)) from None
-        base = Recipe(model=model, class_label=label, sampler=sampler, respacing=str(respacing).strip(),
-                      classifier=classifier, guidance_method=guidance_method or "standard", seed=seed,
-                      batch_size=per_cell, precision=self.ctx.precision)
-        try:
-            base.validate(self.ctx.registry.caps)
-        except RecipeError as err:
-            raise gr.Error(str(err)) from None
 
         session.start("compare")
         source = recorder = Recorder(PerImageNoise.from_seed(base.seed, per_cell, (3, info.image_size, info.image_size),
@@ -117,11 +99,7 @@ class Comparison:
         done = 0
         for i, cls_scale in enumerate(rows):
             for j, cfg in enumerate(cols):
-                recipe = replace(base, classifier_scale=cls_scale if classifier else 0.0, cfg_scale=cfg)
-                try:
-                    run = plan(recipe, self.ctx.registry, noise=source)
-                except RecipeError as err:
-                    raise gr.Error(str(err)) from None
+                run = plan(replace(base, classifier_scale=cls_scale, cfg_scale=cfg), self.ctx.registry, noise=source)
                 started, last = time.perf_counter(), None
                 for last in run.steps(should_stop=session.should_stop("compare")):
                     progress((done * len(run.grid) + last.index + 1, total_cells * len(run.grid)),

@@ -11,66 +11,19 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from explore.engine import RANGES, Recipe, RecipeError, plan
+from explore.engine import Recipe, plan
+from explore.recipe import sampler_option_names
 from explore.outputs import image_grid, save_png, save_samples_npz, to_uint8
-from explore.samplers import SAMPLER_OPTIONS, Grid, Step
-from explore.schedules import RespacingError
+from explore.samplers import SAMPLERS, Step
+from explore.schedules import Grid, RespacingError
 from explore.ui import images, plots, progress as progress_bar
-from explore.ui.context import AppContext, class_choices, class_index, optional
+from explore.ui.context import AppContext, class_choices
 from explore.ui.session import Session, ensure
 from explore.ui.trajectory import TrajectoryRecorder
-from explore.validate import MAX_SEED, InputError, flag, number, whole
+from explore.validate import whole
 
-MAX_BATCH = 64
 MAX_ANIMATION_FRAMES = 60
-KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m")
 TELEMETRY = ("noise", "rms", "p_class", "guidance")
-
-
-def check_compatible(ctx: AppContext, model: str, classifier: str | None) -> None:
-    """A guidance classifier must see the model's image size and share its classes."""
-    if classifier is None:
-        return
-    m, c = ctx.info(model), ctx.info(classifier)
-    if c.kind != "classifier":
-        raise gr.Error(f"{classifier} is a {c.kind} model, not a noisy classifier for guidance.")
-    if c.image_size != m.image_size or (m.num_labels is not None and c.num_labels != m.num_labels):
-        raise gr.Error(f"{classifier} ({c.image_size} px, {c.num_labels} classes) does not fit {model} "
-                       f"({m.image_size} px, {m.num_labels} classes).")
-
-
-def make_recipe(ctx: AppContext, model: str, class_choice, sampler: str, respacing: str, karras: bool,
-                classifier, classifier_scale, cfg_scale, guidance_method: str, eta, churn, seed,
-                batch_size) -> Recipe:
-    """Form values -> a validated Recipe; every problem becomes a gr.Error naming the field."""
-    if not model:
-        raise gr.Error("Choose a model.")
-    info = ctx.info(model)
-    classifier = optional(classifier)
-    check_compatible(ctx, model, classifier)
-    if info.num_labels is None and classifier is not None:  # an unconditional model guided towards a class
-        info = ctx.info(classifier)
-    options = SAMPLER_OPTIONS.get(sampler, ())
-    try:
-        batch = whole("batch_size", batch_size, 1, min(MAX_BATCH, ctx.registry.caps.batch))
-        recipe = Recipe(
-            model=model, class_label=class_index(info, class_choice), sampler=sampler,
-            respacing=respacing.strip() if isinstance(respacing, str) else respacing,
-            karras=karras is not None and flag("karras", karras) and sampler in KARRAS_SAMPLERS,
-            cfg_scale=number("cfg_scale", cfg_scale, *RANGES["cfg_scale"]) if info.null_class is not None else 1.0,
-            classifier=classifier, classifier_scale=number("classifier_scale", classifier_scale,
-                                                           *RANGES["classifier_scale"]) if classifier else 0.0,
-            guidance_method=guidance_method or "standard",
-            eta=number("eta", eta, *RANGES["eta"]) if "eta" in options and eta is not None else None,
-            churn=number("churn", churn, *RANGES["churn"]) if "churn" in options and churn is not None else 0.0,
-            seed=whole("seed", seed, 0, MAX_SEED), batch_size=batch, precision=ctx.precision)
-    except InputError as err:
-        raise gr.Error(str(err)) from None
-    try:
-        recipe.validate(ctx.registry.caps)
-    except RecipeError as err:
-        raise gr.Error(str(err)) from None
-    return recipe
 
 
 # --- small events -------------------------------------------------------------------------------
@@ -83,7 +36,7 @@ def validate_respacing(ctx: AppContext, model: str, respacing: str, sampler: str
     diffusion = ctx.registry.get(model).diffusion
     if diffusion is None:
         return f"**Not valid:** {model} is not a diffusion model", gr.update()
-    use_karras = bool(karras) and sampler in KARRAS_SAMPLERS
+    use_karras = bool(karras) and sampler in SAMPLERS and SAMPLERS[sampler].karras
     try:
         grid = Grid.make(diffusion.noise_schedule, str(respacing).strip(), diffusion.steps, use_karras)
     except RespacingError as err:
@@ -95,15 +48,6 @@ def validate_respacing(ctx: AppContext, model: str, respacing: str, sampler: str
     if not str(respacing).strip():
         message += "; empty means every step"
     return message, plots.respacing_figure(grid, f"{len(grid)} of {diffusion.steps} steps kept")
-
-
-def sampler_changed(sampler: str):
-    """Show eta for DDIM / Euler ancestral (with the sampler's default), churn for Heun, Karras where it applies."""
-    options = SAMPLER_OPTIONS.get(sampler, ())
-    eta_default = 1.0 if sampler == "euler_a" else 0.0
-    return (gr.update(visible="eta" in options, value=eta_default),
-            gr.update(visible="churn" in options),
-            gr.update(interactive=True) if sampler in KARRAS_SAMPLERS else gr.update(interactive=False, value=False))
 
 
 def model_changed(ctx: AppContext, model: str):
@@ -168,6 +112,10 @@ class Telemetry:
 class Sampler:
     """The Live sampling tab's run: one generator handler per request, stoppable within a step."""
 
+    # the API's parameters in order: recipe fields, then the run's own
+    INPUTS = ("model", "class_label", "sampler", "respacing", "karras", "classifier", "classifier_scale", "cfg_scale",
+              "guidance_method", *sampler_option_names(), "seed", "batch_size", "preview_every", "session")
+
     # Each streamed preview is a message, and on 2 cores every message slows the run by several ms: the server's
     # event loop and the client take CPU from the sampling threads. Previews come every N steps but at most this
     # often, to keep their cost near 5% of a run (python -m explore.bench measures it); the final step always
@@ -190,22 +138,12 @@ class Sampler:
         """Class choices, whether CFG applies, and the fitting guidance classifiers of a model."""
         return model_changed(self.ctx, model)
 
-    def run(self, model, class_choice, sampler, respacing, karras, classifier, classifier_scale, cfg_scale,
-            guidance_method, eta, churn, seed, batch_size, preview_every, session: Session,
-            progress=gr.Progress()):
+    def run(self, recipe: Recipe, preview_every, session: Session, progress=gr.Progress()):
         """Sample, streaming x_t | predicted x0 previews and telemetry every N steps; then the results."""
         session = ensure(session)
-        recipe = make_recipe(self.ctx, model, class_choice, sampler, respacing, karras, classifier,
-                             classifier_scale, cfg_scale, guidance_method, eta, churn, seed, batch_size)
-        try:
-            every = whole("preview_every", 1 if preview_every is None else preview_every, 1, 10_000)
-        except InputError as err:
-            raise gr.Error(str(err)) from None
+        every = whole("preview_every", 1 if preview_every is None else preview_every, 1, 10_000)
         session.start("sample")
-        try:
-            run = plan(recipe, self.ctx.registry)
-        except RecipeError as err:
-            raise gr.Error(str(err)) from None
+        run = plan(recipe, self.ctx.registry)
         total = len(run.grid)
         recorder = TrajectoryRecorder(total, recipe.batch_size, run.shape)
         telemetry = Telemetry(recipe.batch_size)

@@ -10,6 +10,7 @@ import gradio as gr
 import numpy as np
 import torch
 
+from explore.outputs import SampleFileError
 from explore.samplers import Step
 from explore.ui import images, metrics, plots
 from explore.ui.session import Session, ensure
@@ -102,28 +103,28 @@ class Trajectory:
         """Read a trajectory file written by `save` (never unpickles)."""
         path = Path(path)
         if path.stat().st_size > MAX_UPLOAD_BYTES:
-            raise ValueError(f"{path.name} is larger than {MAX_UPLOAD_BYTES // 2 ** 20} MiB")
+            raise SampleFileError(f"{path.name} is larger than {MAX_UPLOAD_BYTES // 2 ** 20} MiB")
         try:
             with np.load(path, allow_pickle=False) as data:
                 missing = {"x", "pred_x0", "eps", "steps"} - set(data.files)
                 if missing:
-                    raise ValueError(f"not a trajectory file (missing {', '.join(sorted(missing))})")
+                    raise SampleFileError(f"not a trajectory file (missing {', '.join(sorted(missing))})")
                 x = data["x"]
                 if x.ndim != 5 or x.shape[2] != 3 or x.dtype.kind != "f":
-                    raise ValueError(f"'x' must be float [steps, batch, 3, H, W], got {x.dtype} {list(x.shape)}")
+                    raise SampleFileError(f"'x' must be float [steps, batch, 3, H, W], got {x.dtype} {list(x.shape)}")
                 arrays = {k: data[k] for k in ("pred_x0", "eps") }
                 for k, v in arrays.items():
                     if v.shape != x.shape:
-                        raise ValueError(f"'{k}' has shape {list(v.shape)}, expected {list(x.shape)}")
+                        raise SampleFileError(f"'{k}' has shape {list(v.shape)}, expected {list(x.shape)}")
                 steps = data["steps"].astype(np.int64)
                 if steps.shape != (len(x),):
-                    raise ValueError("'steps' must hold one loop index per recorded step")
+                    raise SampleFileError("'steps' must hold one loop index per recorded step")
                 guidance = data["guidance"] if "guidance" in data.files else None
                 if guidance is not None and guidance.shape != x.shape:
-                    raise ValueError(f"'guidance' has shape {list(guidance.shape)}, expected {list(x.shape)}")
+                    raise SampleFileError(f"'guidance' has shape {list(guidance.shape)}, expected {list(x.shape)}")
                 if "labels" in data.files and (data["labels"].dtype.kind not in "iu"
                                                or data["labels"].shape != (x.shape[1],)):
-                    raise ValueError(f"'labels' must be {x.shape[1]} whole numbers, one per image")
+                    raise SampleFileError(f"'labels' must be {x.shape[1]} whole numbers, one per image")
                 return cls(
                     recipe_json=str(data["recipe"]) if "recipe" in data.files else "{}",
                     total=int(data["total"]) if "total" in data.files else int(steps[-1]) + 1,
@@ -134,8 +135,10 @@ class Trajectory:
                     labels=data["labels"] if "labels" in data.files else None,
                     class_names=[str(c) for c in data["class_names"]] if "class_names" in data.files else None,
                     stopped=bool(data["stopped"]) if "stopped" in data.files else False)
-        except (OSError, EOFError, KeyError, TypeError, IndexError) as err:
-            raise ValueError(f"{path.name}: cannot be read as a trajectory ({err})") from None
+        except SampleFileError:
+            raise
+        except (OSError, EOFError, KeyError, TypeError, IndexError, ValueError) as err:
+            raise SampleFileError(f"{path.name}: cannot be read as a trajectory ({err})") from None
 
     def analysis(self, i: int) -> dict:
         """Spectra, band settling of predicted x0 for image i (computed once, then cached)."""
@@ -197,10 +200,7 @@ def load_file(session: Session, file, tol: float = 0.1):
     session = ensure(session)
     if file is None:
         raise gr.Error("Choose a trajectory .npz file first.")
-    try:
-        session.trajectory = Trajectory.load(getattr(file, "name", file))
-    except ValueError as err:
-        raise gr.Error(str(err)) from None
+    session.trajectory = Trajectory.load(getattr(file, "name", file))
     return (*_loaded_outputs(session.trajectory, tol), session)
 
 

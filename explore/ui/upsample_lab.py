@@ -9,15 +9,16 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from explore.classify import classify
 from explore.data.wild import WILD_PHOTO_NAMES, as_rgb_uint8, center_crop, downscale, wild_photo
-from explore.engine import Recipe, RecipeError, plan
+from explore.engine import Recipe, plan
 from explore.noise import PerImageNoise
-from explore.outputs import SampleFileError, from_uint8, load_samples_npz, save_png, save_samples_npz, to_uint8
+from explore.outputs import from_uint8, load_samples_npz, save_png, save_samples_npz, to_uint8
 from explore.ui import images, metrics, plots, progress as progress_bar
 from explore.ui.context import AppContext, class_index, class_names, optional
 from explore.ui.session import Session, ensure
-from explore.uploads import UploadError, read_image
-from explore.validate import MAX_SEED, InputError, whole
+from explore.uploads import read_image
+from explore.validate import MAX_SEED, whole
 
 WHOLE = "whole photo, resized"
 NATIVE = "native pixels"
@@ -81,15 +82,7 @@ class Lab:
                 entry = self.ctx.registry.get(name)
                 if entry.num_labels != want:
                     continue
-                x = from_uint8(low).to(self.ctx.registry.device)
-                if x.shape[-1] != entry.image_size:
-                    x = torch.nn.functional.interpolate(x, size=(entry.image_size, entry.image_size), mode="area")
-                with torch.no_grad():
-                    if kind == "evaluator":
-                        logits = entry.module(x)
-                    else:
-                        logits = entry.module(x, torch.zeros(len(x), dtype=torch.int64, device=x.device))
-                return torch.softmax(logits.float(), -1).cpu().numpy()
+                return classify(entry, from_uint8(low)).probs.cpu().numpy()
         return None
 
     def labels_for(self, upsampler: str, choice, low: np.ndarray, given: np.ndarray | None = None) -> np.ndarray | None:
@@ -123,10 +116,7 @@ class Lab:
         device = self.ctx.registry.device
         noise = PerImageNoise(seeds, (3, out, out), device)
         label_tensor = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-        try:
-            run = plan(recipe, self.ctx.registry, noise=noise, low_res=from_uint8(low), labels=label_tensor)
-        except RecipeError as err:
-            raise gr.Error(str(err)) from None
+        run = plan(recipe, self.ctx.registry, noise=noise, low_res=from_uint8(low), labels=label_tensor)
         total, last = len(run.grid), None
         for last in run.steps(should_stop=session.should_stop("upsample")):
             progress((last.index + 1, total), desc=desc, unit="steps")
@@ -148,12 +138,9 @@ class Lab:
         session.start("upsample")
         keep = gr.update()
         given = None
-        seed = _whole("seed", seed, 0, MAX_SEED)
+        seed = whole("seed", seed, 0, MAX_SEED)
         if upload is not None:
-            try:
-                low, given = load_samples_npz(getattr(upload, "name", upload), self.ctx.registry.caps.upload_bytes)
-            except SampleFileError as err:
-                raise gr.Error(str(err)) from None
+            low, given = load_samples_npz(getattr(upload, "name", upload), self.ctx.registry.caps.upload_bytes)
             source = f"{min(len(low), MAX_BATCH)} images from the uploaded file"
             if len(low) > MAX_BATCH:
                 gr.Warning(f"The file holds {len(low)} images; the first {MAX_BATCH} are upsampled.")
@@ -171,14 +158,11 @@ class Lab:
             info = self.ctx.info(base_model)
             if info.image_size != small:
                 raise gr.Error(f"{base_model} makes {info.image_size} px images; {upsampler} takes {small} px.")
-            count = _whole("number of images", count, 1, min(MAX_BATCH, self.ctx.registry.caps.batch))
+            count = whole("number of images", count, 1, min(MAX_BATCH, self.ctx.registry.caps.batch))
             label = None if class_choice in (SUGGEST, NULL_CLASS, None, "") else class_index(info, class_choice)
             recipe = Recipe(model=base_model, class_label=label, sampler="ddim", respacing=str(base_respacing).strip(),
                             seed=int(seed), batch_size=count, precision=self.ctx.precision)
-            try:
-                run = plan(recipe, self.ctx.registry)
-            except RecipeError as err:
-                raise gr.Error(str(err)) from None
+            run = plan(recipe, self.ctx.registry)
             last = None
             for last in run.steps(should_stop=session.should_stop("upsample")):
                 progress((last.index + 1, len(run.grid)), desc="base model", unit="steps")
@@ -194,7 +178,7 @@ class Lab:
         labels = self.labels_for(upsampler, class_choice, low, given)
         seeds = [int(seed) + i for i in range(len(low))]
         started = time.perf_counter()
-        every = _whole("preview_every", 5 if preview_every is None else preview_every, 1, 10_000)
+        every = whole("preview_every", 5 if preview_every is None else preview_every, 1, 10_000)
         for step, finished in self._upsample(upsampler, low, labels, up_respacing, seeds, session, progress, every,
                                              "upsampling"):
             if not finished:
@@ -242,10 +226,7 @@ class Lab:
             if img.shape[0] * img.shape[1] > MAX_PHOTO_PIXELS:
                 raise gr.Error("The uploaded photo is too large (over 40 megapixels).")
         elif upload is not None:  # a file path: read safely (caps checked before decoding)
-            try:
-                photo = read_image(getattr(upload, "name", upload), self.ctx.registry.caps)
-            except UploadError as err:
-                raise gr.Error(str(err)) from None
+            photo = read_image(getattr(upload, "name", upload), self.ctx.registry.caps)
             for note in photo.notes:
                 gr.Warning(f"Uploaded photo: {note}.")
             img = photo.pixels
@@ -289,7 +270,7 @@ class Lab:
         if upsampler is None:
             raise gr.Error("No upsampler selected.")
         small, out = upsampler_sizes(self.ctx, upsampler)
-        seed = _whole("seed", seed, 0, MAX_SEED)
+        seed = whole("seed", seed, 0, MAX_SEED)
         session.start("upsample")
         original, low = self.photo(name, upload, upsampler, mode)
         labels = self.labels_for(upsampler, class_choice, low[None])
@@ -329,12 +310,12 @@ class Lab:
         info = self.ctx.info(upsampler)
         if info.num_labels is None:
             raise gr.Error(f"{upsampler} is not class-conditional.")
-        seed = _whole("seed", seed, 0, MAX_SEED)
+        seed = whole("seed", seed, 0, MAX_SEED)
         session.start("upsample")
         original, low = self.photo(name, upload, upsampler, mode)
         probs = self.classify(low[None], upsampler)
         order = list(np.argsort(-probs[0])) if probs is not None else list(range(info.num_labels))
-        count = _whole("classes", count, 1, min(info.num_labels, MAX_BATCH))
+        count = whole("classes", count, 1, min(info.num_labels, MAX_BATCH))
         labels = np.array(order[:count])
         names = class_names(info)
         batch = np.repeat(low[None], count, axis=0)
@@ -351,13 +332,6 @@ class Lab:
                 p = f", p={probs[0][label]:.2f}" if probs is not None else ""
                 gallery.append((img, f"{names[label]}{p}: PSNR {psnr:.1f} dB, SSIM {ssim:.3f}"))
         yield gallery, f"{count} classes, same photo and same noise.", session
-
-
-def _whole(name: str, value, low: int, high: int) -> int:
-    try:
-        return whole(name, value, low, high)
-    except InputError as err:
-        raise gr.Error(str(err)) from None
 
 
 def _mean(items) -> dict[str, float]:
