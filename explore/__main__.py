@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from explore.classify import classify
 from explore.engine import SeededStepNoise, plan
 from explore.models.configs import (CLASSIFIER_DEFAULTS, MODEL_DEFAULTS, SCRIPT_DEFAULTS, SUPERRES_DEFAULTS,
                                     parse_flag_args)
@@ -329,16 +330,7 @@ def predict_labels(registry: ModelRegistry, classifier_name: str, images: torch.
     clf = registry.get(classifier_name)
     if clf.kind not in ("classifier", "evaluator"):
         raise CLIError(f"--classifier_path {classifier_name} is a {clf.kind}, not a classifier")
-    x = images.to(registry.device)
-    if x.shape[-1] != clf.image_size:
-        mode = "area" if x.shape[-1] > clf.image_size else "bilinear"
-        x = torch.nn.functional.interpolate(x, size=(clf.image_size, clf.image_size), mode=mode)
-    with torch.no_grad():
-        if clf.kind == "evaluator":
-            logits = clf.module(x)
-        else:
-            logits = clf.module(x, torch.zeros(len(x), dtype=torch.int64, device=x.device))
-    return logits.argmax(-1).cpu().numpy()
+    return classify(clf, images).probs.argmax(-1).cpu().numpy()
 
 
 COMMANDS = {"sample": cmd_sample, "super-res": cmd_super_res}

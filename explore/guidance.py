@@ -15,6 +15,14 @@ class ClassifierFreeGuidance:
     The unconditional prediction comes either from the same model with a null
     label (one batched forward) or from a second, unconditional model.
     Scale 1 is exactly the conditional model; scale 0 the unconditional one.
+
+    The conditional prediction's classifier gradient, conflict flag and stats are
+    kept, and the null label travels with the requested class (Cond.requested), so
+    ClassifierGuidance inside gives the same steps as ClassifierGuidance outside (the
+    order engine.plan() uses). Inside costs more on the one-network path at scales
+    other than 0 and 1: the classifier runs on both stacked halves, twice its work.
+    At scale 0 with a second model the conditional model is not run; a
+    ClassifierGuidance inside attaches its gradient to the unconditional prediction.
     """
 
     def __init__(self, denoiser: Denoiser, scale: float, null_class: int | None = None,
@@ -24,33 +32,42 @@ class ClassifierFreeGuidance:
         self.inner, self.scale, self.null_class, self.uncond = denoiser, float(scale), null_class, uncond_denoiser
 
     def _uncond_cond(self, cond: Cond) -> Cond:
-        if self.uncond is not None:
-            return replace(cond, labels=None)
-        return replace(cond, labels=torch.full_like(cond.labels, self.null_class))
+        labels = None if self.uncond is not None else torch.full_like(cond.labels, self.null_class)
+        return replace(cond, labels=labels, requested=cond.classes)
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond) -> Prediction:
         if cond.labels is None:
             raise ValueError("classifier-free guidance needs class labels")
         if self.scale == 1.0:
             return self.inner(x, t, cond)
+        uncond = self._uncond_cond(cond)
         if self.scale == 0.0:
-            return (self.uncond or self.inner)(x, t, self._uncond_cond(cond))
+            if self.uncond is None:
+                return self.inner(x, t, uncond)
+            pred = self.uncond(x, t, uncond)
+            return self.inner.guide(pred, x, t, cond) if isinstance(self.inner, ClassifierGuidance) else pred
         if self.uncond is not None:
-            cond_pred, uncond_pred = self.inner(x, t, cond), self.uncond(x, t, self._uncond_cond(cond))
+            cond_pred, uncond_pred = self.inner(x, t, cond), self.uncond(x, t, uncond)
         else:
-            both = self.inner(torch.cat([x, x]), torch.cat([t, t]), _stack(cond, self._uncond_cond(cond)))
-            cond_pred = Prediction(*[None if v is None else v.chunk(2)[0] for v in (both.eps, both.var_values)])
-            uncond_pred = Prediction(both.eps.chunk(2)[1])
+            both = self.inner(torch.cat([x, x]), torch.cat([t, t]), _stack(cond, uncond))
+            cond_pred, uncond_pred = _half(both, 0), _half(both, 1)
         delta = cond_pred.eps - uncond_pred.eps
-        pred = Prediction(uncond_pred.eps + self.scale * delta, cond_pred.var_values)
-        pred.stats["cfg_delta_norm"] = delta.flatten(1).norm(dim=1)
-        return pred
+        stats = {**cond_pred.stats, "cfg_delta_norm": delta.flatten(1).norm(dim=1)}
+        return replace(cond_pred, eps=uncond_pred.eps + self.scale * delta, stats=stats)
 
 
 def _stack(a: Cond, b: Cond) -> Cond:
     def cat(u, v):
         return None if u is None else torch.cat([u, v])
-    return Cond(cat(a.labels, b.labels), cat(a.low_res, b.low_res))
+    return Cond(cat(a.labels, b.labels), cat(a.low_res, b.low_res), cat(a.classes, b.classes))
+
+
+def _half(pred: Prediction, i: int) -> Prediction:
+    """The conditional (0) or unconditional (1) half of a prediction for a stacked [cond; uncond] batch."""
+    def half(v):
+        return None if v is None else v.chunk(2)[i]
+    return replace(pred, eps=half(pred.eps), var_values=half(pred.var_values), grad=half(pred.grad),
+                   stats={k: half(v) for k, v in pred.stats.items()})
 
 
 class ClassifierGuidance:
@@ -60,6 +77,7 @@ class ClassifierGuidance:
     for the others. With method 'conflict' the gradient and the denoising term are
     combined by PixelAsParam's conflict projection (Dinh et al. 2023).
     Scale 0 reports the classifier's log p(y | x_t) without changing the sample.
+    y is the requested class (Cond.classes), also where the network sees a null label.
     """
 
     def __init__(self, denoiser: Denoiser, classifier: torch.nn.Module, scale: float,
@@ -70,10 +88,13 @@ class ClassifierGuidance:
         self.precision = precision
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond) -> Prediction:
-        if cond.labels is None:
+        if cond.classes is None:
             raise ValueError("classifier guidance needs class labels")
-        pred = self.inner(x, t, cond)
-        log_prob, grad = classifier_log_prob_and_grad(self.classifier, x, t, cond.labels,
+        return self.guide(self.inner(x, t, cond), x, t, cond)
+
+    def guide(self, pred: Prediction, x: Tensor, t: Tensor, cond: Cond) -> Prediction:
+        """`pred`, made at (x, t), with the classifier's log-probability and scaled gradient attached."""
+        log_prob, grad = classifier_log_prob_and_grad(self.classifier, x, t, cond.classes,
                                                       with_grad=self.scale != 0.0, precision=self.precision)
         pred.stats["log_prob"] = log_prob
         if grad is not None:

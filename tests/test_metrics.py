@@ -111,3 +111,19 @@ def test_psnr_and_ssim_sanity():
     assert metrics.psnr(u8[0], u8[0] // 2).shape == (1,)  # a single HWC image, uint8 scaled to [0, 1]
     with pytest.raises(ValueError, match="shapes differ"):
         metrics.psnr(ref, ref[:, :16])
+
+
+def test_the_app_psnr_ssim_are_the_shared_ones():
+    """The upsampling lab's numbers for uint8 images; scaled to [0, 1] they differ from scikit-image's at data
+    range 255 (what the lab computed before) by float64 rounding only."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from explore.ui.metrics import psnr_ssim
+
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    b = np.clip(a + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    psnr, ssim = psnr_ssim(a, b)
+    assert (psnr, ssim) == (metrics.psnr(a, b)[0], metrics.ssim(a, b)[0])
+    assert psnr == pytest.approx(peak_signal_noise_ratio(a, b, data_range=255), rel=1e-13)
+    assert ssim == pytest.approx(structural_similarity(a, b, channel_axis=-1, data_range=255), rel=1e-13)

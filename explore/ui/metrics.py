@@ -1,7 +1,9 @@
-"""Image measurements for the explorer and the upsampling lab (numpy only, images as arrays)."""
+"""Image measurements for the explorer and the upsampling lab (images as numpy arrays)."""
 from __future__ import annotations
 
 import numpy as np
+
+from explore import metrics as shared
 
 # Luma weights (ITU-R BT.601) for turning RGB into one channel before a spectrum.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -92,9 +94,5 @@ def laplacian_sharpness(image: np.ndarray) -> float:
 
 
 def psnr_ssim(reference: np.ndarray, test: np.ndarray) -> tuple[float, float]:
-    """PSNR (dB) and SSIM of two HxWx3 uint8 images (scikit-image, data range 255)."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    psnr = peak_signal_noise_ratio(reference, test, data_range=255)
-    ssim = structural_similarity(reference, test, channel_axis=-1, data_range=255)
-    return float(psnr), float(ssim)
+    """PSNR (dB) and SSIM of two HxWx3 uint8 images (explore.metrics)."""
+    return float(shared.psnr(reference, test)[0]), float(shared.ssim(reference, test)[0])
