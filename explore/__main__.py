@@ -390,9 +390,8 @@ def print_help(file=None) -> None:
     print(help_text(), file=file or sys.stdout)
 
 
-# Recipe fields as the command line spells them, for error messages.
-RECIPE_FIELD_FLAGS = {"model": "model_path", "respacing": "timestep_respacing", "classifier": "classifier_path",
-                      "uncond_model": "uncond_model_path"}
+# Recipe fields as the command line spells them, for error messages (a recipe's batch is one --batch_size chunk).
+RECIPE_FIELD_FLAGS = {**{name: opt.flag for name, opt in options_of(Recipe).items()}, "batch_size": "batch_size"}
 
 
 def one_line(err: BaseException) -> str:
