@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import gradio as gr
 
 from explore.outputs import SampleFileError
-from explore.recipe import Recipe, applies, defaults_of, options_of, sampler_option_names
+from explore.recipe import Recipe, Whole, applies, defaults_of, options_of, sampler_option_names
 from explore.samplers import SAMPLERS, sampler_defaults
 from explore.ui import inputs
 from explore.ui.context import AppContext, class_index, optional
@@ -76,7 +76,7 @@ class Form:
             kwargs.update(minimum=widget.low, maximum=widget.high, step=widget.step, value=default)
         elif widget.kind == "number":
             kwargs.update(minimum=widget.low, maximum=widget.high, value=default,
-                          precision=0 if self.options[name].kind.what == "a whole number" else None)
+                          precision=0 if isinstance(self.options[name].kind, Whole) else None)
         elif widget.kind in ("dropdown", "radio"):
             choices = widget.choices or getattr(self.options[name].kind, "options", lambda: None)()
             kwargs.update(choices=choices, value=default)
@@ -137,8 +137,7 @@ class Form:
         for name, opt in self.options.items():
             if clean.get(name) is None or not applies(self.recipe_type, name, clean):
                 continue
-            parsed[name] = clean[name] if name in ("model", "classifier", "class_label") \
-                else opt.kind.parse(name, clean[name], caps)
+            parsed[name] = opt.kind.parse(name, clean[name], caps)
         recipe = self.recipe_type(**parsed)
         recipe.validate(caps)
         return recipe
