@@ -90,11 +90,6 @@ class Form:
         self.components[name] = component
         return component
 
-    def add(self, name: str, component: gr.components.Component) -> gr.components.Component:
-        """A component the tab made itself for a recipe field."""
-        self.components[name] = component
-        return component
-
     # --- sampler-dependent options ------------------------------------------------------------------
 
     def sampler_outputs(self) -> list[gr.components.Component]:
