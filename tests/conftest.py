@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 import os
+
+# Before anything loads PyTorch's OpenMP runtime (libgomp reads this once, when it is loaded), and inherited by
+# every process the tests start (the app server, CLI and torchrun subprocesses): idle OpenMP threads sleep
+# instead of spinning. A spinning team fights any other process for the cores; on the shared 2-core machine one
+# 2-thread forward of a tiny UNet took a median 433 ms (default) against 24 ms (PASSIVE) beside other jobs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import socket
 import subprocess
 import sys
