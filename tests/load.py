@@ -61,8 +61,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(checkpoints: Path, workdir: Path, env: dict | None = None, timeout: float = 180.0):
-    """Start the app with `checkpoints` (and extra environment); stop it afterwards."""
+def serve(checkpoints: Path, workdir: Path, env: dict | None = None, timeout: float = 180.0,
+          script: Path = ROOT / "app.py"):
+    """Start the app with `checkpoints` (and extra environment); stop it afterwards.
+
+    `script` runs in place of app.py with app.py's arguments (tests/step_log_app.py: the app with a step log).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     full_env = {**os.environ, "EXPLORE_CHECKPOINTS": str(checkpoints), "GRADIO_ANALYTICS_ENABLED": "False",
@@ -71,7 +75,7 @@ def serve(checkpoints: Path, workdir: Path, env: dict | None = None, timeout: fl
                 **(env or {})}
     log_path = workdir / "server.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, str(script), "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
                             env=full_env, stdout=log, stderr=subprocess.STDOUT)
     server = Server(proc, f"http://127.0.0.1:{port}/", log_path)
     deadline = time.time() + timeout
