@@ -41,6 +41,14 @@ def at_threads(n: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         return fn()
 
 
+# ../shared/reference/README.md, "Tolerances (measured)": the original code redone with 1 intra-op thread
+# instead of 2, max abs difference (the reference data's own floors)
+FLOOR_FORWARD = 9.54e-07  # adm32 forward (outputs O(1)); also the floor of eps, the model output a step uses
+FLOOR_STEP = 1.31e-06  # adm32 p10, one ancestral step replayed from its stored input, max over steps
+FLOOR_P10_LOOP = 4.41e-06  # adm32 p10, whole ancestral loop, final sample
+FLOOR_DDIM_LOOP = 1.6e-05  # adm32 ddim10, whole DDIM loop, final sample
+
+
 def thread_floor(fn: Callable[[], torch.Tensor]) -> float:
     """max |fn() with 1 thread - fn() with 2 threads|: the float floor of the computation fn."""
     return (at_threads(1, fn).double() - at_threads(2, fn).double()).abs().max().item()
@@ -49,3 +57,9 @@ def thread_floor(fn: Callable[[], torch.Tensor]) -> float:
 def ulp_floor(x: torch.Tensor) -> float:
     """float32 epsilon times the largest |x|: what rounding the final operations of x alone may cost."""
     return EPS32 * x.abs().max().item()
+
+
+def tolerance(fn: Callable[[], torch.Tensor]) -> float:
+    """An absolute tolerance for comparing fn() with another order of the same computation: FACTOR x its thread
+    floor, at least FACTOR x its ulp floor (for computations whose reductions no thread count reorders)."""
+    return FACTOR * max(thread_floor(fn), ulp_floor(at_threads(1, fn)))

@@ -8,16 +8,11 @@ from explore.noise import BatchNoise, RecordedNoise
 from explore.samplers import Grid, sample_ddim, sample_ddpm
 from explore.zoo import load_model
 
-from floors import FACTOR
+from floors import FACTOR, FLOOR_DDIM_LOOP, FLOOR_FORWARD, FLOOR_P10_LOOP, FLOOR_STEP
 
 REF = np.load("tests/fixtures/adm32_outputs.npz")
-# Float floors of these computations, from ../shared/reference/README.md ("Tolerances (measured)"): the original
-# code redone with 1 intra-op thread instead of 2 (summation order only), max abs difference. Each bound below
-# is FACTOR (10, floors.py: "a different but correct operator order can cost a few times the floor") x a floor.
-FLOOR_FORWARD = 9.54e-07  # adm32 fwd_out (outputs O(1)); also the floor of eps, the model output a step uses
-FLOOR_STEP = 1.31e-06  # p10 single-step replay, max over steps
-FLOOR_P10_LOOP = 4.41e-06  # p10 full loop, final sample
-FLOOR_DDIM_LOOP = 1.6e-05  # ddim10 full loop, final sample
+# Each bound below is FACTOR (10, floors.py: "a different but correct operator order can cost a few times the
+# floor") x a float floor of the computation that ../shared/reference/README.md measured (floors.py)
 FLAGS = "--image_size 32 --num_channels 32 --num_res_blocks 1 --num_heads 2 --attention_resolutions 16 " \
         "--channel_mult 1,2 --learn_sigma True --resblock_updown True --use_scale_shift_norm True"
 
