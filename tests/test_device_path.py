@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import floors
 import tiny_models
 from explore.engine import Recipe, plan
 from explore.zoo import save_checkpoint
@@ -75,6 +76,10 @@ def test_channels_last_inputs_give_the_same_prediction(registry):
     t, cond = torch.tensor([10, 500, 990]), Cond(labels=torch.tensor([0, 1, 4]))
     plain = ADMDenoiser(module, learn_sigma=True)(x, t, cond)
     last = ADMDenoiser(module, learn_sigma=True, channels_last=True)(x, t, cond)
-    torch.testing.assert_close(last.eps, plain.eps, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(last.var_values, plain.var_values, atol=1e-5, rtol=1e-5)
+    def both(prediction):
+        return torch.cat([prediction.eps, prediction.var_values])
+    # channels-last kernels sum in another order: within a multiple of the forward's own thread floor
+    atol = floors.tolerance(lambda: both(ADMDenoiser(module, learn_sigma=True)(x, t, cond)))
+    torch.testing.assert_close(last.eps, plain.eps, atol=atol, rtol=0)
+    torch.testing.assert_close(last.var_values, plain.var_values, atol=atol, rtol=0)
     assert last.eps.is_contiguous()  # samplers get ordinary tensors back
