@@ -31,14 +31,12 @@ LIGHT = {"concurrency_limit": 4}
 
 def streaming(trigger, task: str, handler, inputs, outputs, **kwargs):
     """A stoppable generator handler whose messages are post-processed on the compute thread (cancel.py)."""
-    path = os.environ.get("EXPLORE_STREAMING")
-    if path == "plain":
+    path = os.environ.get("EXPLORE_STREAMING")  # set only by python -m explore.bench, to compare the paths
+    if path == "plain":  # the handler as Gradio streams any generator (its demo/fake_diffusion)
         return trigger(handler, inputs, outputs, **kwargs)
-    if path == "ahead":
-        return trigger(stoppable(task, handler), inputs, outputs, **kwargs)
-    if path == "thin":
-        from explore.ui.cancel import stoppable_thin
-        return trigger(stoppable_thin(task, handler), inputs, outputs, **kwargs)
+    if path == "plain_stoppable":
+        from explore.ui.cancel import plain_stoppable
+        return trigger(plain_stoppable(task, handler), inputs, outputs, **kwargs)
     return trigger(stoppable(task, handler, outputs), inputs, outputs, postprocess=False, **kwargs)
 
 

@@ -324,34 +324,89 @@ def _app_latency(registry: ModelRegistry, repeats: int, threads: int) -> dict:
                                                                   "OMP_NUM_THREADS": threads}) as server:
         # previews travel inside the streamed messages (PNG data: URLs), so the client receives each one whole
         user = load.client(server.url, Path(tmp) / "downloads", download=False)
-
-        def run(every: int) -> tuple[float | None, float | None, float, float]:
-            """Seconds from the request to the first preview, to the last step's frame, to the results; and the
-            CPU seconds server and client used for the run."""
-            args = ["scenes32_base", "alpine", "ddim", "50", False, "none", 0.0, 3.0, "standard", 0.0, 0.0, 0, 1,
-                    every]
-            cpu_before = server.cpu_seconds() + time.process_time()
-            started, first, last = time.perf_counter(), None, None
-            for output in load.stream(user.submit(*args, api_name="/sample")):
-                if first is None and output[0] is not None:  # a preview image arrived
-                    first = time.perf_counter() - started
-                if last is None and str(output[2]).startswith("Step 50/50"):
-                    last = time.perf_counter() - started
-            total = time.perf_counter() - started
-            return first, last, total, server.cpu_seconds() + time.process_time() - cpu_before
-
-        run(1)  # loads the models
+        _sample_over_http(server, user, 1)  # loads the models
         for pair in range(3 * repeats):  # thrice the pairs: a 5% effect on a run of ~1.5 s is close to the noise
             for every in ((1, 50) if pair % 2 == 0 else (50, 1)):  # alternate which of the pair goes first
-                first, last, total, cpu = run(every)
+                first, last, total, cpu = _sample_over_http(server, user, every)
                 name = "every_step" if every == 1 else "final_only"
                 if every == 1:
                     samples["first_preview"].append(first)
                 samples[name].append(last)
                 samples[f"{name}_results"].append(total)
                 samples[f"{name}_cpu"].append(cpu)
+    return _medians(samples)
+
+
+# The Live-sampling request the app workloads time, by API parameter name (the recipe fields' names)
+APP_REQUEST = dict(model="scenes32_base", class_label="alpine", sampler="ddim", respacing="50", karras=False,
+                   classifier="none", classifier_scale=0.0, cfg_scale=3.0, guidance_method="standard", eta=0.0,
+                   churn=0.0, seed=0, batch_size=1)
+
+
+def _sample_over_http(server, user, every: int) -> tuple[float | None, float | None, float, float]:
+    """One Live-sampling run over HTTP (50 DDIM steps, CFG 3, batch 1, a preview asked for every `every` steps):
+    seconds from the request to the first preview, to the last step's frame, to the results; and the CPU seconds
+    server and client used for the run."""
+    from tests import load
+
+    cpu_before = server.cpu_seconds() + time.process_time()
+    started, first, last = time.perf_counter(), None, None
+    for output in load.stream(user.submit(**APP_REQUEST, preview_every=every, api_name="/sample")):
+        if first is None and output[0] is not None:  # a preview image arrived
+            first = time.perf_counter() - started
+        if last is None and str(output[2]).startswith("Step 50/50"):
+            last = time.perf_counter() - started
+    total = time.perf_counter() - started
+    return first, last, total, server.cpu_seconds() + time.process_time() - cpu_before
+
+
+def _medians(samples: dict[str, list[float]]) -> dict:
     return {name: {"median_s": statistics.median(v), "samples_s": [round(x, 4) for x in v]}
             for name, v in samples.items()}
+
+
+# How app.py's streaming() serves a generator handler, chosen by EXPLORE_STREAMING (read only by this benchmark):
+# variant name -> (EXPLORE_STREAMING, what the report calls it)
+STREAMING_PATHS = {
+    "app": (None, "the app's streaming path"),
+    "plain": ("plain", "a plain generator handler (given to Gradio as it is, as Gradio's demo/fake_diffusion)"),
+    "plain_stoppable": ("plain_stoppable", "the plain generator stoppable within a step (cancel.plain_stoppable: "
+                        "one item at a time from the compute thread, post-processed by Gradio)"),
+}
+
+
+def streaming_paths(registry: ModelRegistry, repeats: int) -> dict:
+    """The same Live-sampling request over HTTP (50 DDIM steps, CFG 3, a preview asked for every step) served by
+    the app's streaming path and by a plain generator handler, one server each, run after one another in rounds
+    that rotate which goes first: the overhead of one over the other is the median of the ratios within rounds."""
+    import tempfile
+    from tests import load
+
+    paths = {name: env for name, (env, _) in STREAMING_PATHS.items()}
+    threads = str(torch.get_num_threads())
+    samples: dict[str, list[float]] = {}
+    for name in paths:
+        samples.update({name: [], f"{name}_results": [], f"{name}_cpu": []})
+    with tempfile.TemporaryDirectory(prefix="bench-paths-") as tmp, contextlib.ExitStack() as stack:
+        servers = {}  # one server per path, started side by side: a waiting server takes no CPU to speak of
+        for name, path in paths.items():
+            env = {"EXPLORE_THREADS": threads, "OMP_NUM_THREADS": threads}
+            if path is not None:
+                env["EXPLORE_STREAMING"] = path
+            server = stack.enter_context(load.serve(Path(registry.root).resolve(), Path(tmp) / name, env))
+            servers[name] = server, load.client(server.url, Path(tmp) / name / "downloads", download=False)
+        for server, user in servers.values():
+            _sample_over_http(server, user, 1)  # loads the models
+        names = list(paths)
+        for round_ in range(3 * repeats):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # each goes first in turn
+                _, last, total, cpu = _sample_over_http(*servers[name], 1)
+                samples[name].append(last)
+                samples[f"{name}_results"].append(total)
+                samples[f"{name}_cpu"].append(cpu)
+    result = _medians(samples)
+    result["threads"] = int(threads)
+    return result
 
 
 def convolution_share(module: torch.nn.Module, *args, repeats: int = 10) -> float:
@@ -392,6 +447,11 @@ def _ms(v: float) -> str:
 def _spread(slower: dict, faster: dict) -> str:
     low, high = paired_spread(slower, faster)
     return f"{low * 100:+.1f}% to {high * 100:+.1f}%"
+
+
+def _path_names(paths: dict) -> list[str]:
+    """The streaming paths a streaming_paths result compares, the app's first."""
+    return [k for k, v in paths.items() if isinstance(v, dict) and not k.endswith(("_results", "_cpu"))]
 
 
 def _verdict(ok: bool) -> str:
@@ -439,6 +499,22 @@ def report(results: dict) -> str:
             lines.append(f"| the same with the server on one torch thread (a core left to the event loop and "
                          f"client): {_ms(one['every_step']['median_s'])} vs {_ms(one['final_only']['median_s'])} | "
                          f"{overhead * 100:+.1f}% | {_verdict(overhead <= 0.05)} |")
+    if "streaming_paths" in r:
+        p = r["streaming_paths"]
+        app = p["app"]
+        for name in _path_names(p)[1:]:
+            other = p[name]
+            overhead = paired_overhead(app, other)
+            lines.append(f"| the app's streaming path costs <= 5% over {STREAMING_PATHS.get(name, (None, name))[1]} "
+                         f"(the same request over HTTP, 50 steps CFG 3, previews asked for every step, one server "
+                         f"per path: {_ms(app['median_s'])} vs {_ms(other['median_s'])} to the last step's frame, "
+                         f"medians; the overhead is the median of {len(app['samples_s'])} rounds that rotate which "
+                         f"path goes first; the middle half of the rounds spans {_spread(app, other)}) | "
+                         f"{overhead * 100:+.1f}% | {_verdict(overhead <= 0.05)} |")
+            cpu = paired_overhead(p["app_cpu"], p[f"{name}_cpu"])
+            lines.append(f"| the same in CPU time, server and client together, whole run: "
+                         f"{p['app_cpu']['median_s']:.2f} vs {p[f'{name}_cpu']['median_s']:.2f} CPU s (middle half "
+                         f"{_spread(p['app_cpu'], p[f'{name}_cpu'])}) | {cpu * 100:+.1f}% | {_verdict(cpu <= 0.05)} |")
     s = r["streaming"]
     names = list(s)
     overhead = paired_overhead(s[names[0]], s[names[1]])
@@ -495,6 +571,9 @@ def report(results: dict) -> str:
         table("the app over HTTP, 50 steps CFG 3", r["app"])
         if "one_thread" in r["app"]:
             table("the app over HTTP, 50 steps CFG 3, server on one torch thread", r["app"]["one_thread"])
+    if "streaming_paths" in r:
+        table("the app over HTTP, 50 steps CFG 3, previews every step, one server per streaming path",
+              r["streaming_paths"])
     p = r["physical"]
     lines += ["", "## Physical limit", "",
               f"- built-in base forward (batch 1): {p['builtin_base_flops_b1'] / 1e9:.3f} GFLOP counted; "
@@ -552,6 +631,7 @@ def main(argv=None) -> None:
              ("guided_step", lambda: guided_step_cost(registry, repeats)),
              ("streaming", lambda: streaming(registry, repeats)),
              ("app", lambda: app_latency(registry, repeats)),
+             ("streaming_paths", lambda: streaming_paths(registry, repeats)),
              ("bf16_fidelity", lambda: bf16_fidelity(registry)),
              ("adm_loops", lambda: adm_loops(repeats)),
              ("physical", lambda: physical(registry))]

@@ -43,3 +43,11 @@ def test_paired_spread_is_the_middle_half_of_the_ratios():
     ratios = [0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4]  # slower / faster, pair by pair
     spread = bench.paired_spread({"samples_s": ratios}, {"samples_s": [1.0] * len(ratios)})
     assert spread == pytest.approx((-0.1, 0.3))  # quartiles 0.9 and 1.3 (the 'exclusive' method)
+
+
+def test_the_streaming_paths_row_compares_the_app_with_a_plain_generator_in_rounds():
+    results = json.loads(REPORT.read_text())
+    paths = results["streaming_paths"]
+    assert bench._path_names(paths)[:2] == ["app", "plain"]
+    assert len(paths["app"]["samples_s"]) == len(paths["plain"]["samples_s"])  # measured round by round
+    assert "the app's streaming path costs <= 5% over a plain generator handler" in bench.report(results)

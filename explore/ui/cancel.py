@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 from gradio import utils as gradio_utils
 
-from explore.ui.compute import others_waiting, schedule
+from explore.ui.compute import others_waiting, schedule, submit
 from explore.ui.memory import release_memory
 from explore.ui.session import Session
 
@@ -187,3 +187,43 @@ def stoppable(task: str, handler: Callable, outputs: Sequence | None = None) -> 
             producer.abandon()
 
     return run
+
+
+def plain_stoppable(task: str, handler: Callable) -> Callable:
+    """`handler` streamed as Gradio streams any generator, one item at a time (computed when Gradio asks for it,
+    on the compute thread, post-processed by Gradio), and stopped within a step like `stoppable`: on cancellation
+    or disconnection the session's stop flag is raised at once, and the generator is closed after the step in
+    flight."""
+
+    @functools.wraps(handler)
+    async def run(*args, **kwargs):
+        session = next((a for a in (*args, *kwargs.values()) if isinstance(a, Session)), None)
+        alive = _event_alive()
+        items, context = handler(*args, **kwargs), contextvars.copy_context()
+        finished = False
+        try:
+            while True:
+                taking = submit(context, next, items, _DONE)
+                while not (await asyncio.wait({taking}, timeout=POLL_S))[0]:
+                    if session is not None and not alive():  # the tab was closed: end after this step
+                        session.request_stop(task)
+                try:
+                    item = taking.result()
+                except BaseException:
+                    finished = True  # the handler's own error: it is over
+                    raise
+                if item is _DONE:
+                    finished = True
+                    return
+                yield item
+        finally:  # finished, failed, cancelled, disconnected or closed by Gradio
+            if session is not None and not finished:
+                session.request_stop(task)  # the step loop ends after the step it is in
+            schedule(context, _close, items)  # on the compute thread, after that step
+
+    return run
+
+
+def _close(items) -> None:
+    items.close()
+    release_memory()
