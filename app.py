@@ -30,14 +30,11 @@ LIGHT = {"concurrency_limit": 4}
 
 
 def streaming(trigger, task: str, handler, inputs, outputs, **kwargs):
-    """A stoppable generator handler whose messages are post-processed on the compute thread (cancel.py)."""
-    path = os.environ.get("EXPLORE_STREAMING")  # set only by python -m explore.bench, to compare the paths
-    if path == "plain":  # the handler as Gradio streams any generator (its demo/fake_diffusion)
-        return trigger(handler, inputs, outputs, **kwargs)
-    if path == "plain_stoppable":
-        from explore.ui.cancel import plain_stoppable
-        return trigger(plain_stoppable(task, handler), inputs, outputs, **kwargs)
-    return trigger(stoppable(task, handler, outputs), inputs, outputs, postprocess=False, **kwargs)
+    """A generator handler run on the compute thread that stops within a step when its request is cancelled or its
+    tab closed (cancel.py)."""
+    if os.environ.get("EXPLORE_STREAMING") == "plain":  # set only by python -m explore.bench, to compare with
+        return trigger(handler, inputs, outputs, **kwargs)  # the handler as Gradio streams any generator
+    return trigger(stoppable(task, handler), inputs, outputs, **kwargs)
 
 
 def _prefer(names: list[str], wanted: str) -> str | None:

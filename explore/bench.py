@@ -370,8 +370,6 @@ def _medians(samples: dict[str, list[float]]) -> dict:
 STREAMING_PATHS = {
     "app": (None, "the app's streaming path"),
     "plain": ("plain", "a plain generator handler (given to Gradio as it is, as Gradio's demo/fake_diffusion)"),
-    "plain_stoppable": ("plain_stoppable", "the plain generator stoppable within a step (cancel.plain_stoppable: "
-                        "one item at a time from the compute thread, post-processed by Gradio)"),
 }
 
 

@@ -11,42 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 COMPUTE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explore-compute")
 
-_queued = 0  # tasks submitted to COMPUTE that have not started yet
-_queued_lock = threading.Lock()
-
-
-def _counted(fn: Callable) -> Callable:
-    global _queued
-    with _queued_lock:
-        _queued += 1
-
-    def started(*args):
-        global _queued
-        with _queued_lock:
-            _queued -= 1
-        return fn(*args)
-    return started
-
-
-def others_waiting() -> bool:
-    """Whether other work waits for the compute thread (a long task then gives way at its next chance)."""
-    return _queued > 0
-
 
 def schedule(context: contextvars.Context, fn: Callable, *args) -> Future:
     """Run fn(*args) on the compute thread inside `context`, from any thread."""
-    return COMPUTE.submit(_counted(context.run), fn, *args)
+    return COMPUTE.submit(context.run, fn, *args)
 
 
 def submit(context: contextvars.Context, fn: Callable, *args) -> asyncio.Future:
     """Run fn(*args) on the compute thread inside `context` (Gradio's request context); awaitable."""
-    return asyncio.get_running_loop().run_in_executor(COMPUTE, _counted(context.run), fn, *args)
+    return asyncio.get_running_loop().run_in_executor(COMPUTE, context.run, fn, *args)
 
 
 def on_compute_thread(fn: Callable) -> Callable:
