@@ -242,15 +242,15 @@ def test_memory_helpers_are_safe_to_call():
     assert isinstance(memory.release_memory(), bool) and isinstance(memory.limit_arenas(2), bool)
 
 
-def test_handlers_run_on_one_compute_thread_ahead_of_delivery_and_give_way_between_items():
+def test_handlers_run_on_one_compute_thread_and_give_way_between_items():
     """libgomp slows every op down once several threads have run parallel ops (explore/ui/compute.py): the
-    stoppable generator handlers and the plain heavy handlers all run on the one compute thread. While Gradio
-    delivers an item the handler computes the next ones, AHEAD at most; other work queued for the compute thread
-    runs between two items of a long handler instead of after it."""
+    stoppable generator handlers and the plain heavy handlers all run on the one compute thread. An item is
+    computed when Gradio asks for it, so other work queued for the compute thread runs between two items of a long
+    handler instead of after it."""
     import asyncio
     import threading
 
-    from explore.ui.cancel import AHEAD, stoppable
+    from explore.ui.cancel import stoppable
     from explore.ui.compute import on_compute_thread
     from explore.ui.session import Session
 
@@ -287,7 +287,7 @@ def test_handlers_run_on_one_compute_thread_ahead_of_delivery_and_give_way_betwe
 
     first, ahead, doubled, rest = asyncio.run(request())
     assert (first, doubled, rest) == (0, 8, list(range(1, 12)))
-    assert ahead == list(range(1 + AHEAD))  # items 1.. were computed while item 0 was out, AHEAD of them
+    assert ahead == [0]  # nothing was computed while item 0 was out: Gradio had not asked for item 1
     assert "plain" in log[:-1], log  # the plain handler did not wait for the generator to end
     assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
 
@@ -316,49 +316,3 @@ def test_a_handler_error_reaches_the_request_after_the_items_before_it():
 
     assert asyncio.run(request()) == ["a preview"]
     assert not session.stop["sample"]
-
-
-def test_stoppable_postprocesses_each_item_for_its_outputs_on_the_compute_thread():
-    """With the event's outputs, items leave the handler as Gradio's post-processing would make them (the event
-    is registered with postprocess=False); updates and session state pass through for Gradio to handle; a value
-    yielded again as the same object is not post-processed again."""
-    import asyncio
-    import threading
-
-    import gradio as gr
-    import numpy as np
-    import pandas as pd
-
-    from explore.ui.cancel import stoppable
-    from explore.ui.session import Session
-
-    with gr.Blocks():
-        plot = gr.LinePlot(x="step", y="value")
-        gallery = gr.Gallery(format="png")
-        text, state = gr.Markdown(), gr.State()
-    table = pd.DataFrame({"step": [1, 2], "value": [0.5, 0.25]})
-    image = np.full((4, 4, 3), 200, np.uint8)
-    session, threads = Session(), []
-
-    class Probe(gr.LinePlot):  # records the thread that post-processes it
-        def postprocess(self, value):
-            threads.append(threading.get_ident())
-            return super().postprocess(value)
-
-    probe = Probe(x="step", y="value", render=False)
-    threads.clear()  # the constructor post-processes the initial value
-
-    def handler(session):
-        yield table, [(image, "a")], "**hi**", session, table
-        yield gr.update(), None, "done", session, table  # the same table again: its payload is reused
-        yield gr.update(), None, "done", session, table.copy()  # an equal but new table is post-processed
-
-    async def request():
-        return [item async for item in stoppable("sample", handler, [plot, gallery, text, state, probe])(session)]
-
-    first, second, third = asyncio.run(request())
-    assert first[0] == plot.postprocess(table).model_dump() and first[2] == "**hi**" and first[3] is session
-    assert first[1][0]["image"]["path"].endswith(".png") and first[1][0]["caption"] == "a"
-    assert second[0] == gr.update() and second[1] == gallery.postprocess(None).model_dump()
-    assert second[4] is first[4] and third[4] == first[4] and third[4] is not first[4]
-    assert len(threads) == 2 and threading.get_ident() not in threads
