@@ -16,6 +16,7 @@ from explore.noise import PerImageNoise
 from explore.outputs import from_uint8, load_samples_npz, save_png, save_samples_npz, to_uint8
 from explore.ui import images, metrics, plots, progress as progress_bar
 from explore.ui.context import AppContext, class_index, class_names, optional
+from explore.ui.form import page_errors
 from explore.ui.session import Session, ensure
 from explore.uploads import read_image
 from explore.validate import MAX_SEED, whole
@@ -218,6 +219,7 @@ class Lab:
 
     # --- In the wild panel ----------------------------------------------------------------------
 
+    @page_errors  # a photo's problems are the page's messages, whichever handler reads it
     def photo(self, name: str | None, upload, upsampler: str, mode: str) -> tuple[np.ndarray, np.ndarray]:
         """(the original at the upsampler's output size, the downscaled input) of a bundled or uploaded photo."""
         small, out = upsampler_sizes(self.ctx, upsampler)
