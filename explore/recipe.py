@@ -155,6 +155,7 @@ class ModelName(Kind):
 
 AS_RECIPE = type("AsRecipe", (), {"__repr__": lambda self: "AS_RECIPE"})()  # the command line's default is the recipe's
 
+
 @dataclass(frozen=True)
 class Widget:
     """How the UI shows an option (explore.ui.form turns it into a Gradio component)."""

@@ -12,8 +12,8 @@ import pandas as pd
 from PIL import Image
 
 from explore.engine import Recipe, plan
-from explore.recipe import sampler_option_names
 from explore.outputs import image_grid, save_png, save_samples_npz, to_uint8
+from explore.recipe import sampler_option_names
 from explore.samplers import SAMPLERS, Step
 from explore.schedules import Grid, RespacingError
 from explore.ui import images, plots, progress as progress_bar
