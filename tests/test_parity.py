@@ -45,41 +45,26 @@ def test_timestep_maps(adm32):
     assert Grid.make("linear", "10").schedule.timesteps.tolist() == REF["timestep_map_10"].tolist()
 
 
-def test_ancestral_steps_replayed_from_stored_inputs(adm32):
+@pytest.mark.parametrize("sampler,respacing,prefix", [(sample_ddpm, "10", "p10"), (sample_ddim, "ddim10", "ddim10")],
+                         ids=["ancestral", "ddim"])
+def test_steps_replayed_from_stored_inputs(adm32, sampler, respacing, prefix):
     """Each step from the stored input with the stored noise: the sample and pred_x0.
 
     pred_x0 = sqrt(1/abar) x - sqrt(1/abar - 1) eps amplifies eps's float error by
     sqrt(1/abar) (~156 at t=999 on the linear schedule), so its error divided by that is an eps error,
-    bounded by the forward floor.
+    bounded by the forward floor; x is bounded by the single-step floor.
     """
     denoiser, _ = adm32
-    grid = Grid.make("linear", "10")
-    samples, noise = ref("p10_samples"), ref("p10_noise")
-    worst_x = worst_x0 = 0.0
+    grid = Grid.make("linear", respacing)
+    samples, worst_x, worst_x0 = ref(f"{prefix}_samples"), 0.0, 0.0
     for s in range(10):
         x_in = ref("x_T") if s == 0 else samples[s - 1]
-        step = next(sample_ddpm(denoiser, x_in, grid.from_step(s), Cond(), RecordedNoise(x_in, noise)))
+        step = next(sampler(denoiser, x_in, grid.from_step(s), Cond(), RecordedNoise(x_in, ref("p10_noise"))))
         amplification = grid.schedule.sqrt_recip_alphas_cumprod[9 - s]
         worst_x = max(worst_x, (step.x - samples[s]).abs().max().item())
-        worst_x0 = max(worst_x0, (step.pred_x0 - ref("p10_pred_xstart")[s]).abs().max().item() / amplification)
-    report("ancestral step-by-step x", worst_x)
-    report("ancestral step-by-step pred_x0 / sqrt(1/abar)", worst_x0)
-    assert worst_x < FACTOR * FLOOR_STEP and worst_x0 < FACTOR * FLOOR_FORWARD
-
-
-def test_ddim_steps_replayed_from_stored_inputs(adm32):
-    """As the ancestral replay: x against the single-step floor, pred_x0 / sqrt(1/abar) against eps's floor."""
-    denoiser, _ = adm32
-    grid = Grid.make("linear", "ddim10")
-    samples, worst_x, worst_x0 = ref("ddim10_samples"), 0.0, 0.0
-    for s in range(10):
-        x_in = ref("x_T") if s == 0 else samples[s - 1]
-        step = next(sample_ddim(denoiser, x_in, grid.from_step(s), Cond(), RecordedNoise(x_in, ref("p10_noise"))))
-        amplification = grid.schedule.sqrt_recip_alphas_cumprod[9 - s]
-        worst_x = max(worst_x, (step.x - samples[s]).abs().max().item())
-        worst_x0 = max(worst_x0, (step.pred_x0 - ref("ddim10_pred_xstart")[s]).abs().max().item() / amplification)
-    report("ddim step-by-step x", worst_x)
-    report("ddim step-by-step pred_x0 / sqrt(1/abar)", worst_x0)
+        worst_x0 = max(worst_x0, (step.pred_x0 - ref(f"{prefix}_pred_xstart")[s]).abs().max().item() / amplification)
+    report(f"{prefix} step-by-step x", worst_x)
+    report(f"{prefix} step-by-step pred_x0 / sqrt(1/abar)", worst_x0)
     assert worst_x < FACTOR * FLOOR_STEP and worst_x0 < FACTOR * FLOOR_FORWARD
 
 
