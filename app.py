@@ -67,6 +67,8 @@ def sampling_tab(ctx: AppContext, session: gr.State):
                                          value=classifiers[0] if classifiers else "none")
                 form.widget("classifier_scale")
                 cfg_scale = form.widget("cfg_scale", interactive=info0.null_class is not None)
+                form.widget("cfg_rescale")
+                form.widget("guidance_interval", elem_id="sample-guidance-interval")
                 form.widget("guidance_method")
             with gr.Row():
                 form.widget("seed", min_width=100)

@@ -350,7 +350,7 @@ def help_text(recipe_type=Recipe) -> str:
         elif name == "model":
             text += " (required)"
         elif default is not None and name not in sampler_option_names(recipe_type) and name != "karras":
-            text += f" (default {opt.kind.text(default)})"
+            text += f" (default {opt.kind.text(default) or repr('')})"
         names = " / ".join(f"--{flag}" for flag in opt.flags)
         groups["guidance" if opt.group == "guidance" else "run options (written into every image's recipe)"].append(
             (names, text))

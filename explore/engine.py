@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from explore.denoisers import ADMDenoiser, Cond, Denoiser, FixedBatch
-from explore.guidance import ClassifierFreeGuidance, ClassifierGuidance
+from explore.guidance import ClassifierFreeGuidance, ClassifierGuidance, GuidanceInterval
 from explore.noise import NoiseSource, PerImageNoise
-from explore.recipe import PRECISIONS, Recipe, RecipeError
+from explore.recipe import PRECISIONS, Recipe, RecipeError, interval_bounds
 from explore.samplers import SAMPLERS, Step
 from explore.schedules import Grid, RespacingError, Schedule
 
@@ -91,10 +91,13 @@ def plan(recipe: Recipe, registry, noise: NoiseSource | None = None,
     classifier = _guidance_classifier(recipe, registry, main)
     labels = _labels(recipe, main, classifier, labels)
     networks = _Networks(PRECISIONS[recipe.precision], device, batch_invariant)
-    denoiser = _with_cfg(recipe, registry, main, networks)
+    denoiser = _with_cfg(recipe, registry, main, networks.denoiser(main, _stacked_cfg(recipe)), networks)
     if classifier is not None:
         network, precision = networks.classifier(classifier)
         denoiser = ClassifierGuidance(denoiser, network, recipe.classifier_scale, recipe.guidance_method, precision)
+    interval = interval_bounds(recipe.guidance_interval)
+    if interval is not None and (recipe.cfg_scale != 1.0 or classifier is not None):
+        denoiser = GuidanceInterval(denoiser, networks.denoiser(main), *interval)  # outside: the plain model
     shape = (3, main.image_size, main.image_size)
     cond = Cond(labels=None if labels is None else labels.to(device), low_res=_low_res(recipe, main, low_res, device))
     return Plan(recipe, denoiser, _grid(recipe, main.diffusion), cond, _noise(recipe, noise, shape, device), shape,
@@ -186,9 +189,8 @@ class _Networks:
         return network, precision
 
 
-def _with_cfg(recipe: Recipe, registry, main, networks: _Networks) -> Denoiser:
+def _with_cfg(recipe: Recipe, registry, main, denoiser: Denoiser, networks: _Networks) -> Denoiser:
     """The model's denoiser, wrapped in classifier-free guidance unless the scale is 1."""
-    denoiser = networks.denoiser(main, _stacked_cfg(recipe))
     if recipe.cfg_scale == 1.0:
         return denoiser
     if main.num_labels is None:
@@ -203,11 +205,12 @@ def _with_cfg(recipe: Recipe, registry, main, networks: _Networks) -> Denoiser:
         if uncond.image_size != main.image_size or not same_process:
             raise RecipeError(f"uncond_model: {recipe.uncond_model!r} must have the image size and diffusion "
                               f"process of {recipe.model!r}")
-        return ClassifierFreeGuidance(denoiser, recipe.cfg_scale, uncond_denoiser=networks.denoiser(uncond))
+        return ClassifierFreeGuidance(denoiser, recipe.cfg_scale, uncond_denoiser=networks.denoiser(uncond),
+                                      rescale=recipe.cfg_rescale)
     if main.null_class is None:
         raise RecipeError(f"cfg_scale: {recipe.model!r} was not trained with a null label; name an "
                           "unconditional model of the same size (uncond_model) or set cfg_scale to 1")
-    return ClassifierFreeGuidance(denoiser, recipe.cfg_scale, null_class=main.null_class)
+    return ClassifierFreeGuidance(denoiser, recipe.cfg_scale, null_class=main.null_class, rescale=recipe.cfg_rescale)
 
 
 def _low_res(recipe: Recipe, main, low_res: torch.Tensor | None, device) -> torch.Tensor | None:

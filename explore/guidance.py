@@ -26,10 +26,11 @@ class ClassifierFreeGuidance:
     """
 
     def __init__(self, denoiser: Denoiser, scale: float, null_class: int | None = None,
-                 uncond_denoiser: Denoiser | None = None):
+                 uncond_denoiser: Denoiser | None = None, rescale: float = 0.0):
         if (null_class is None) == (uncond_denoiser is None):
             raise ValueError("classifier-free guidance needs either a null class or an unconditional model")
         self.inner, self.scale, self.null_class, self.uncond = denoiser, float(scale), null_class, uncond_denoiser
+        self.rescale = float(rescale)
 
     def _uncond_cond(self, cond: Cond) -> Cond:
         labels = None if self.uncond is not None else torch.full_like(cond.labels, self.null_class)
@@ -52,8 +53,31 @@ class ClassifierFreeGuidance:
             both = self.inner(torch.cat([x, x]), torch.cat([t, t]), _stack(cond, uncond))
             cond_pred, uncond_pred = _half(both, 0), _half(both, 1)
         delta = cond_pred.eps - uncond_pred.eps
+        eps = uncond_pred.eps + self.scale * delta
+        if self.rescale:
+            eps = rescaled(eps, cond_pred.eps, self.rescale)
         stats = {**cond_pred.stats, "cfg_delta_norm": delta.flatten(1).norm(dim=1)}
-        return replace(cond_pred, eps=uncond_pred.eps + self.scale * delta, stats=stats)
+        return replace(cond_pred, eps=eps, stats=stats)
+
+
+def rescaled(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
+    """CFG rescale (Lin et al. 2024, eq. 15-16) on the noise prediction: each image's guided prediction scaled to
+    the standard deviation of its conditional one, blended with the unscaled by phi, against over-saturation."""
+    std_cond = cond.flatten(1).std(dim=1).view(-1, *[1] * (cond.dim() - 1))
+    std_guided = guided.flatten(1).std(dim=1).view(-1, *[1] * (guided.dim() - 1))
+    return phi * guided * (std_cond / std_guided.clamp_min(torch.finfo(guided.dtype).tiny)) + (1 - phi) * guided
+
+
+class GuidanceInterval:
+    """Guidance only at timesteps low <= t <= high, the unguided denoiser elsewhere (Kynkaanniemi et al. 2024:
+    guidance in a limited interval of noise levels improves sample and distribution quality)."""
+
+    def __init__(self, guided: Denoiser, unguided: Denoiser, low: float, high: float):
+        self.guided, self.unguided, self.low, self.high = guided, unguided, float(low), float(high)
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond) -> Prediction:
+        inside = self.low <= float(t.flatten()[0]) <= self.high  # every sampler evaluates all rows at one t
+        return (self.guided if inside else self.unguided)(x, t, cond)
 
 
 def _stack(a: Cond, b: Cond) -> Cond:

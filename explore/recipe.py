@@ -151,6 +151,37 @@ class ModelName(Kind):
         return value
 
 
+@dataclass(frozen=True)
+class Interval(Kind):
+    """'low,high' original timesteps (inclusive), or '' for every step."""
+
+    what = "'' (every step) or 'low,high' timesteps such as '200,800'"
+
+    def check(self, field, value, caps):
+        interval_bounds(value, field)
+        return value
+
+    def parse(self, field, value, caps):
+        return self.check(field, value.strip() if isinstance(value, str) else value, caps)
+
+
+def interval_bounds(value, field: str = "guidance_interval") -> tuple[float, float] | None:
+    """The (low, high) of an Interval's text, None for every step; InputError naming the field otherwise."""
+    accepted = "'' (every step) or 'low,high' timesteps with 0 <= low <= high, such as '200,800'"
+    if not isinstance(value, str):
+        raise InputError(f"{field}: {value!r:.60} must be {accepted}")
+    if not value.strip():
+        return None
+    parts = value.split(",")
+    try:
+        low, high = (check.number(field, part, 0.0, 1e6) for part in parts) if len(parts) == 2 else (None, None)
+    except InputError:
+        low = high = None
+    if low is None or low > high:
+        raise InputError(f"{field}: {value!r:.60} is not {accepted}")
+    return low, high
+
+
 # --- options --------------------------------------------------------------------------------------
 
 AS_RECIPE = type("AsRecipe", (), {"__repr__": lambda self: "AS_RECIPE"})()  # the command line's default is the recipe's
@@ -242,6 +273,13 @@ class Recipe:
                                   "conflict projection)", group="guidance",
                                   widget=Widget("radio", "Guidance method", choices=(
                                       ("standard", "standard"), ("conflict projection", "conflict"))))
+    cfg_rescale: float = option(0.0, Number(0.0, 1.0), "CFG rescale phi (Lin et al. 2024): the guided noise "
+                                "prediction scaled back to the conditional one's spread, against over-saturation",
+                                group="guidance", widget=Widget("slider", "CFG rescale", 0, 1, 0.05))
+    guidance_interval: str = option("", Interval(), "guide only at timesteps low <= t <= high ('200,800'; "
+                                    "Kynkaanniemi et al. 2024); empty: every step", group="guidance",
+                                    widget=Widget("textbox", "Guidance interval (timesteps)",
+                                                  info="'200,800': guidance only there; empty: every step"))
     eta: float | None = option(None, Number(0.0, 1.0, optional=True), "noise of the stochastic step",
                                widget=Widget("slider", "eta", 0, 1, 0.05))
     churn: float = option(0.0, Number(0.0, 1000.0), "stochastic churn (S_churn)",

@@ -26,11 +26,11 @@ BASE, CLF, EVAL, UP = "scenes32_base", "scenes32_classifier", "scenes32_evaluato
 def sample(ctx, session, respacing="10", every=3, batch=1, class_choice="forest", classifier=CLF,
            classifier_scale=0.0, cfg=1.0, sampler="ddim", progress=None):
     args = [BASE, class_choice, sampler, respacing, False, classifier, classifier_scale, cfg, "standard", 0.0, 0.0,
-            5, batch, every, session]
+            5, batch, every]
     handler = Sampler(ctx)
     handler.min_preview_interval_s = handler.progress_interval_s = 0.0  # the stand-in model is fast
     run = Form(ctx).handler(handler.run, Sampler.INPUTS, precision=ctx.precision)  # as the app wires it
-    gen = run(*args, progress=progress) if progress else run(*args)
+    gen = run(*args, session=session, progress=progress) if progress else run(*args, session=session)
     return handler, gen
 
 

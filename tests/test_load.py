@@ -189,7 +189,7 @@ def test_models_are_shared_read_only(app_context):
     assert not any(p.requires_grad for p in entry.module.parameters()) and not entry.module.training
     for user in range(2):
         run = Form(app_context).handler(Sampler(app_context).run, Sampler.INPUTS)
-        outputs = list(run(*load.sample_args(user, 2), Session()))
+        outputs = list(run(*load.sample_args(user, 2), session=Session()))
         assert outputs[-1][2].startswith("Finished")
     assert app_context.registry.get(load.BASE) is entry and fingerprint(entry.module) == before
     assert torch.is_grad_enabled()  # the step iterator's no_grad did not leak into the caller

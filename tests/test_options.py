@@ -12,7 +12,7 @@ from explore.engine import plan, run
 from explore.recipe import Number, Recipe, RecipeError, Widget, option, options_of
 from explore.samplers import SAMPLERS, sample_heun
 from explore.ui.form import Form
-from explore.ui.sampling import Sampler
+from explore.ui.sampling import FIRST_INPUTS, Sampler
 from explore.validate import InputError
 
 import tiny_models
@@ -91,4 +91,6 @@ def test_every_sampler_keyword_that_is_a_recipe_field_is_passed():
     assert set(Recipe(model="m").sampler_options()) <= takes
     assert {"eta", "churn", "clip_denoised"} <= set(options_of(Recipe)) & takes
     assert "s_noise" in sample_heun.__kwdefaults__ and "s_noise" not in options_of(Recipe)
-    assert list(Sampler.INPUTS[-4:-2]) == ["seed", "batch_size"]
+    # the Live sampling API keeps its first parameters in place and takes every option the page shows
+    assert Sampler.INPUTS[:len(FIRST_INPUTS)] == FIRST_INPUTS
+    assert {name for name, opt in options_of(Recipe).items() if opt.widget} <= set(Sampler.INPUTS)

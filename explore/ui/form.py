@@ -149,27 +149,33 @@ class Form:
                              f"{info.name} ({info.image_size} px, {info.num_labels} classes).")
 
     def handler(self, handler: Callable, inputs: Sequence[str], allow_random: bool = True, **fixed) -> Callable:
-        """A function of the form's values, in the order of `inputs`, that builds the Recipe here and calls
-        handler(recipe, *others). `inputs` names recipe fields and the handler's other parameters, in the order
-        the API takes them (the API names its parameters after them). Input errors become page messages."""
-        fields = [(i, name) for i, name in enumerate(inputs) if name in self.options]
-        others = [i for i, name in enumerate(inputs) if name not in self.options]
+        """A function of the form's values, in the order of `inputs` (or by name; None = the default), that builds
+        the Recipe here and calls handler(recipe, *others). `inputs` names recipe fields and the handler's other
+        parameters, in the order the API takes them (the API names its parameters after them). Input errors
+        become page messages."""
+        fields = [name for name in inputs if name in self.options]
+        others = [name for name in inputs if name not in self.options]
+        params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for name in inputs]
+        params += list(inspect.signature(handler).parameters.values())[1 + len(others):]  # e.g. progress
+        signature = inspect.Signature(params)
 
-        def split(args: tuple) -> tuple[Recipe, list]:
-            recipe = self.recipe({name: args[i] for i, name in fields}, allow_random, **fixed)
-            return recipe, [args[i] for i in others] + list(args[len(inputs):])
+        def split(args: tuple, kwargs: dict) -> tuple[Recipe, list, dict]:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            values = bound.arguments
+            recipe = self.recipe({name: values[name] for name in fields}, allow_random, **fixed)
+            rest = {name: value for name, value in values.items() if name not in inputs}
+            return recipe, [values[name] for name in others], rest
 
         if inspect.isgeneratorfunction(handler):
             def fn(*args, **kwargs):
-                recipe, rest = split(args)
-                yield from handler(recipe, *rest, **kwargs)
+                recipe, others_values, rest = split(args, kwargs)
+                yield from handler(recipe, *others_values, **rest)
         else:
             def fn(*args, **kwargs):
-                recipe, rest = split(args)
-                return handler(recipe, *rest, **kwargs)
-        params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in inputs]
-        params += list(inspect.signature(handler).parameters.values())[1 + len(others):]  # e.g. progress
-        fn.__signature__ = inspect.Signature(params)
+                recipe, others_values, rest = split(args, kwargs)
+                return handler(recipe, *others_values, **rest)
+        fn.__signature__ = signature
         fn.__name__ = fn.__qualname__ = getattr(handler, "__name__", "run")
         fn.__doc__ = handler.__doc__
         return page_errors(fn)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from explore.engine import Recipe, plan
 from explore.outputs import image_grid, save_png, save_samples_npz, to_uint8
-from explore.recipe import sampler_option_names
+from explore.recipe import options_of
 from explore.samplers import SAMPLERS, Step
 from explore.schedules import Grid, RespacingError
 from explore.ui import images, plots, progress as progress_bar
@@ -23,6 +23,10 @@ from explore.ui.trajectory import TrajectoryRecorder
 from explore.validate import whole
 
 MAX_ANIMATION_FRAMES = 60
+# The Live sampling API's parameters as it first took them (recipe fields and the run's own); options the page shows
+# that came later follow them, so that positional API calls written before those keep working.
+FIRST_INPUTS = ("model", "class_label", "sampler", "respacing", "karras", "classifier", "classifier_scale",
+                "cfg_scale", "guidance_method", "eta", "churn", "seed", "batch_size", "preview_every")
 TELEMETRY = ("noise", "rms", "p_class", "guidance")
 
 
@@ -112,9 +116,8 @@ class Telemetry:
 class Sampler:
     """The Live sampling tab's run: one generator handler per request, stoppable within a step."""
 
-    # the API's parameters in order: recipe fields, then the run's own
-    INPUTS = ("model", "class_label", "sampler", "respacing", "karras", "classifier", "classifier_scale", "cfg_scale",
-              "guidance_method", *sampler_option_names(), "seed", "batch_size", "preview_every", "session")
+    INPUTS = (*FIRST_INPUTS, *[name for name, opt in options_of(Recipe).items()
+                               if opt.widget and name not in FIRST_INPUTS], "session")  # the API's parameters
 
     # Each streamed preview is a message, and on 2 cores every message slows the run by several ms: the server's
     # event loop and the client take CPU from the sampling threads. Previews come every N steps but at most this
