@@ -108,7 +108,10 @@ class Telemetry:
         now = time.perf_counter()
         if final or self._frames is None or now - self._built_at >= self.REFRESH_S:
             self._flush()
-            self._frames = [pd.DataFrame(self.rows[name], columns=["step", "value", "series"]) for name in TELEMETRY]
+            # while running, an empty table would fix the plot's axes and series before its first value (guidance
+            # may start mid-run, with a guidance interval): a plot gets no table until it has rows
+            self._frames = [pd.DataFrame(self.rows[name], columns=["step", "value", "series"])
+                            if self.rows[name] or final else None for name in TELEMETRY]
             self._built_at = now
         return self._frames
 
