@@ -147,3 +147,9 @@ def _batched(reference, test) -> tuple[np.ndarray, np.ndarray]:
 
 __all__ = ["coverage_fraction", "diversity", "frechet_distance", "frechet_distance_features", "gaussian_stats",
            "knn_radii", "mean_pairwise_distance", "pixel_std", "precision_recall", "psnr", "ssim"]
+
+
+def saturated_fraction(images: np.ndarray) -> float:
+    """Fraction of pixels (uint8 NHWC) with a channel at 0 or 255: clipped, as guidance that overshoots leaves them."""
+    images = np.asarray(images)
+    return float(((images == 0) | (images == 255)).any(axis=-1).mean())

@@ -215,6 +215,23 @@ def test_comparison_stops_between_cells(app_context):
     assert rest[-1][3].startswith("Stopped after 1 of 3 cells")
 
 
+def test_tradeoff_plot_draws_one_labelled_line_per_value_of_the_shorter_axis():
+    from explore.ui.plots import tradeoff_figure
+
+    def cell(clf, cfg):
+        return {"classifier scale": clf, "CFG scale": cfg, "accuracy": 0.5, "diversity": 3.0, "saturated": 0.1}
+    fig = tradeoff_figure([cell(clf, cfg) for clf in (0, 2) for cfg in (1, 2, 4)])
+    assert [ax.get_xlabel() for ax in fig.axes] == ["CFG scale"] * 3
+    assert [ax.get_ylabel() for ax in fig.axes] == ["class accuracy", "diversity (feature distance)",
+                                                     "saturated pixels (fraction)"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["classifier scale 0", "classifier scale 2"]
+    assert all(len(ax.lines) == 2 and len(ax.lines[0].get_xdata()) == 3 for ax in fig.axes)
+    tall = tradeoff_figure([cell(clf, 1.0) for clf in (0, 1, 3, 10)])  # one CFG scale: classifier scale on x
+    assert tall.axes[0].get_xlabel() == "classifier scale" and len(tall.axes[0].lines) == 1
+    no_evaluator = tradeoff_figure([{**cell(0, 1), "accuracy": None, "diversity": None}])
+    assert [ax.get_ylabel() for ax in no_evaluator.axes] == ["saturated pixels (fraction)"]
+
+
 def test_parse_scales():
     assert parse_scales("0, 1.5;3 3", "x", 0, 10) == [0.0, 1.5, 3.0]
     import gradio as gr

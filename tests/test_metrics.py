@@ -127,3 +127,12 @@ def test_the_app_psnr_ssim_are_the_shared_ones():
     assert (psnr, ssim) == (metrics.psnr(a, b)[0], metrics.ssim(a, b)[0])
     assert psnr == pytest.approx(peak_signal_noise_ratio(a, b, data_range=255), rel=1e-13)
     assert ssim == pytest.approx(structural_similarity(a, b, channel_axis=-1, data_range=255), rel=1e-13)
+
+
+def test_saturated_fraction_counts_pixels_with_a_clipped_channel():
+    images = np.full((2, 2, 5, 3), 128, np.uint8)
+    images[0, 0, 0] = (255, 128, 128)  # one channel at the top
+    images[1, 1, :, 2] = 0  # a row with blue at the bottom
+    images[1, 0, 0] = (254, 1, 128)  # close to the limits but not clipped
+    assert metrics.saturated_fraction(images) == pytest.approx(6 / 20)
+    assert metrics.saturated_fraction(np.full((1, 4, 4, 3), 255, np.uint8)) == 1.0

@@ -13,6 +13,7 @@ import torch
 
 from explore.classify import classify
 from explore.engine import Recipe, plan
+from explore.metrics import saturated_fraction
 from explore.noise import PerImageNoise, Recorder
 from explore.outputs import save_png, save_samples_npz, to_uint8
 from explore.ui import images, plots, progress as progress_bar
@@ -122,8 +123,8 @@ class Comparison:
                     notes[(i, j)] = f"p={numbers['confidence']:.2f} acc={numbers['accuracy']:.2f}"
                 table.append([cls_scale, cfg, *(None if numbers[k] is None else round(numbers[k], 3)
                                                 for k in ("confidence", "accuracy", "diversity")), round(seconds, 2)])
-                points.append({**numbers, "name": f"clf {cls_scale:g} / cfg {cfg:g}",
-                               "strength": cfg + cls_scale})
+                points.append({**numbers, "saturated": saturated_fraction(samples[(i, j)]),
+                               "classifier scale": cls_scale, "CFG scale": cfg})
                 done += 1
                 yield self._view(cells, notes, row_names, col_names, cell_size, table, points,
                                  f"Cell {done}/{total_cells} done (classifier {cls_scale:g}, CFG {cfg:g}, "

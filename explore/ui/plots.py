@@ -40,32 +40,33 @@ def respacing_figure(grid: Grid, title: str) -> Figure:
     return fig
 
 
-def tradeoff_figure(points: list[dict]) -> Figure:
-    """Class accuracy (or confidence) against diversity, one point per sweep cell, labelled by its scales."""
-    fig, (ax,) = _figure(5.2, 3.4)
-    usable = [p for p in points if p.get("accuracy") is not None]
-    if not usable:
-        ax.axis("off")
-        ax.text(0.5, 0.5, "No evaluator numbers yet", ha="center", va="center", color="0.4")
-        return fig
-    div = np.array([np.nan if p["diversity"] is None else p["diversity"] for p in usable], dtype=float)
-    conf = np.array([p["confidence"] for p in usable])
-    acc = np.array([p["accuracy"] for p in usable])
-    if np.isnan(div).all():  # one image per cell: no diversity, show confidence per cell instead
-        ax.bar(range(len(usable)), conf, color="tab:blue")
-        ax.set_xticks(range(len(usable)), [p["name"] for p in usable], rotation=45, ha="right", fontsize=7)
-        ax.set(ylabel="confidence p(class)", ylim=(0, 1),
-               title="Diversity needs 2+ images per cell")
-        return fig
-    strength = np.array([p["strength"] for p in usable], dtype=float)
-    points_ = ax.scatter(div, acc, c=strength, cmap="viridis", s=40 + 80 * conf, zorder=3, edgecolor="k", lw=0.4)
-    order = np.argsort(strength)
-    ax.plot(div[order], acc[order], color="0.7", lw=0.8, zorder=1)
-    for p, x, y in zip(usable, div, acc):
-        ax.annotate(p["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    fig.colorbar(points_, ax=ax, label="CFG scale + classifier scale")
-    ax.set(xlabel="diversity (mean feature distance)", ylabel="class accuracy", ylim=(-0.05, 1.05))
-    ax.set_title("Accuracy vs diversity across the sweep\n(marker size = confidence)", fontsize=10)
+TRADEOFF_PANELS = (("accuracy", "class accuracy", (-0.05, 1.05)), ("diversity", "diversity (feature distance)", None),
+                   ("saturated", "saturated pixels (fraction)", (-0.05, 1.05)))
+
+
+def tradeoff_figure(points: list[dict], axes: tuple[str, str] = ("CFG scale", "classifier scale")) -> Figure:
+    """The sweep's trade-off: accuracy, diversity and saturated pixels, each against the axis with the most values
+    (one line per value of the other axis, labelled in the legend)."""
+    first, second = axes
+    if len({p[second] for p in points}) > len({p[first] for p in points}):
+        first, second = second, first
+    panels = [(key, label, limits) for key, label, limits in TRADEOFF_PANELS
+              if any(p.get(key) is not None for p in points)]
+    if not panels:
+        return message_figure("No numbers yet: they appear as the cells finish.", 8.4, 2.8)
+    fig, axs = _figure(8.4, 2.8, cols=len(panels))
+    series = sorted({p[second] for p in points})
+    colours = colormaps["viridis"](np.linspace(0, 0.85, max(len(series), 1)))
+    for ax, (key, label, limits) in zip(axs, panels):
+        for colour, value in zip(colours, series):
+            mine = sorted((p[first], p[key]) for p in points if p[second] == value and p.get(key) is not None)
+            if mine:
+                ax.plot(*zip(*mine), "o-", color=colour, lw=1.5, ms=4, label=f"{second} {value:g}")
+        ax.set(xlabel=first, ylabel=label)
+        if limits:
+            ax.set_ylim(*limits)
+    handles, labels = axs[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
     return fig
 
 
