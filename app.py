@@ -164,8 +164,8 @@ def compare_tab(ctx: AppContext, session: gr.State):
             class_choice = form.widget("class_label", choices=names, value=names[0], label="Requested class")
             with gr.Row():
                 form.widget("sampler", value="ddim", min_width=120)
-                # ddim25 starts at t=960: "25" starts at t=999, where the cosine schedule's abar (2.4e-9) makes the
-                # score-form classifier guidance of DDIM change x by ~300 in its first step
+                # ddim25 starts at t=960: "25" starts at t=999, where the cosine schedule's abar (2.4e-9) makes DDIM's
+                # score-form classifier guidance ~1000x larger in its first step (tests/test_samplers.py shows it)
                 form.widget("respacing", value="ddim25", min_width=120, elem_id="compare-respacing")
             form.widget("classifier", choices=["none", *classifiers], value=classifiers[0] if classifiers else "none")
             classifier_scales = gr.Textbox("0, 3, 10", label="Classifier scales (rows)", elem_id="compare-clf-scales")

@@ -27,8 +27,8 @@ from explore.noise import RecordedNoise
 from explore.outputs import (SampleFileError, from_uint8, image_grid, load_samples_npz, normalise_images,
                              save_png, save_samples_npz, to_uint8)
 from explore.registry import ModelRegistry
-from explore.recipe import (AS_RECIPE, Flag, Kind, Number, Option, Recipe, RecipeError, Whole, defaults_of,
-                            options_of, sampler_option_names)
+from explore.recipe import (AS_RECIPE, Flag, Kind, Number, Option, Recipe, RecipeError, Whole, applies,
+                            defaults_of, options_of, sampler_option_names)
 from explore.samplers import SAMPLERS, sampler_defaults
 from explore.zoo import CheckpointError
 
@@ -376,14 +376,15 @@ def help_text(recipe_type=Recipe) -> str:
 
 
 def _applies_text(recipe_type, name: str, opt: Option) -> str:
+    """Where the option applies (recipe.applies), as --help says it."""
     if opt.needs:
         return f" (with --{options_of(recipe_type)[opt.needs].flag})"
-    if name == "karras":
-        return f"; for {', '.join(n for n, sampler in SAMPLERS.items() if sampler.karras)}"
-    if name in sampler_option_names(recipe_type):
-        takes = {sampler: sampler_defaults(sampler)[name] for sampler in SAMPLERS if name in sampler_defaults(sampler)}
-        return "; for " + ", ".join(f"{sampler} (default {Number().text(value)})" for sampler, value in takes.items())
-    return ""
+    takers = [sampler for sampler in SAMPLERS if applies(recipe_type, name, {"sampler": sampler})]
+    if len(takers) == len(SAMPLERS):
+        return ""
+    if name in sampler_option_names(recipe_type):  # with each sampler's own default
+        takers = [f"{sampler} (default {Number().text(sampler_defaults(sampler)[name])})" for sampler in takers]
+    return "; for " + ", ".join(takers)
 
 
 def print_help(file=None) -> None:

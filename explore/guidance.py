@@ -61,7 +61,7 @@ class ClassifierFreeGuidance:
 
 
 def rescaled(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
-    """CFG rescale (Lin et al. 2024, eq. 15-16) on the noise prediction: each image's guided prediction scaled to
+    """CFG rescale (Lin et al. 2024) on the noise prediction: each image's guided prediction scaled to
     the standard deviation of its conditional one, blended with the unscaled by phi, against over-saturation."""
     std_cond = cond.flatten(1).std(dim=1).view(-1, *[1] * (cond.dim() - 1))
     std_guided = guided.flatten(1).std(dim=1).view(-1, *[1] * (guided.dim() - 1))

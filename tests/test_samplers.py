@@ -240,6 +240,31 @@ def test_ddpm_guidance_is_the_mean_shift_and_ddim_the_score_form():
     torch.testing.assert_close(guided.eps, plain.eps - math.sqrt(1 - abar) * grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("respacing,at_most,at_least", [("50", None, 500.0), ("25", None, 1000.0),
+                                                        ("ddim50", 2.0, None), ("ddim25", 2.0, None)])
+def test_ddim_score_form_amplifies_guidance_at_the_cosine_schedules_last_timestep(respacing, at_most, at_least):
+    """The first DDIM step moves x by gain * sqrt(1 - abar) * scale * grad, gain = sqrt(abar_prev) sqrt(1/abar - 1)
+    - sqrt(1 - abar_prev): ~1 from t=960/980 ('ddimN'), but ~600-1300 from t=999 ('25', '50'), where the
+    cosine schedule's abar is 2.4e-9 (the blow-up of classifier guidance with DDIM on those respacings)."""
+    clf = LinearClassifier()
+    grid = Grid.make("cosine", respacing)
+    den = GaussianDenoiser(grid.base)
+    cond = Cond(labels=torch.tensor([1]))
+    noise = PerImageNoise([0], SHAPE)
+    x_T = noise.initial()
+    plain = next(SAMPLERS["ddim"](den, x_T, grid, cond, noise, clip_denoised=False))
+    guided = next(SAMPLERS["ddim"](ClassifierGuidance(den, clf, 1.0), x_T, grid, cond, noise, clip_denoised=False))
+    grad = ClassifierGuidance(den, clf, 1.0)(x_T, torch.tensor([int(grid.times[0])]), cond).grad
+    abar, abar_prev = grid.schedule.alphas_cumprod[-1], grid.schedule.alphas_cumprod_prev[-1]
+    gain = math.sqrt(abar_prev) * math.sqrt(1 / abar - 1) - math.sqrt(1 - abar_prev)
+    expected = gain * math.sqrt(1 - abar) * grad
+    # float32 floor: x0 = sqrt(1/abar) x - ... carries ~sqrt(1/abar) * 1.2e-7 * |x| of rounding, which the step
+    # scales by sqrt(abar_prev): about 1e-4 of the gain for |x| ~ 1
+    torch.testing.assert_close(guided.x - plain.x, expected, atol=1e-4 * gain, rtol=1e-3)
+    torch.testing.assert_close(guided.guidance, expected, atol=1e-4 * gain, rtol=1e-3)
+    assert (at_most is None or gain <= at_most) and (at_least is None or gain >= at_least)
+
+
 def test_conflict_projection_removes_the_opposing_components():
     d = torch.tensor([[1.0, 0.0]])
     g = torch.tensor([[-1.0, 1.0]])
