@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from explore.data.wild import WILD_PHOTO_NAMES  # noqa: E402
 from explore.recipe import sampler_option_names  # noqa: E402
 from explore.ui import memory, plots, progress, trajectory  # noqa: E402
-from explore.ui.compare import COLUMNS, Comparison  # noqa: E402
+from explore.ui.compare import AXES, DEFAULT_AXES, NUMBERS as CELL_NUMBERS, Comparison  # noqa: E402
 from explore.ui.context import AppContext, class_choices  # noqa: E402
 from explore.ui.cancel import stoppable  # noqa: E402
 from explore.ui.compute import on_compute_thread  # noqa: E402
@@ -53,153 +53,64 @@ def sampling_tab(ctx: AppContext, session: gr.State):
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
             model = form.widget("model", choices=models, value=model0)
-            class_choice = form.widget("class_label", choices=class_choices(info0), value=class_choices(info0)[0])
-            with gr.Row():
-                sampler = form.widget("sampler", value="ddim", min_width=120)
-                respacing = form.widget("respacing", value="50", min_width=140, elem_id="sample-respacing")
-            respacing_msg = gr.Markdown(elem_id="respacing-msg")
-            karras = form.widget("karras")
-            with gr.Row():
-                for name in sampler_option_names():
-                    form.widget(name, min_width=120)
-            with gr.Group():
-                classifier = form.widget("classifier", choices=["none", *classifiers],
-                                         value=classifiers[0] if classifiers else "none")
-                form.widget("classifier_scale")
-                cfg_scale = form.widget("cfg_scale", interactive=info0.null_class is not None)
-                form.widget("cfg_rescale")
-                form.widget("guidance_interval", elem_id="sample-guidance-interval")
-                form.widget("guidance_method")
-            with gr.Row():
-                form.widget("seed", min_width=100)
-                form.widget("batch_size", value=2, min_width=120, elem_id="sample-batch")
-            preview_every = Slider(1, 50, 5, step=1, label="Preview every N steps", elem_id="sample-every",
-                                   info=f"at most {1 / Sampler.min_preview_interval_s:.0f} previews a second; "
-                                   "every step is kept for the trajectory")
-            with gr.Row():
-                run = gr.Button("Run", variant="primary", elem_id="sample-run")
-                stop = gr.Button("Stop", variant="stop", elem_id="sample-stop")
-            respacing_plot = gr.Plot(label="Kept timesteps on the noise-level curve", format="png",
-                                     elem_id="respacing-plot", show_label=False)
-        with gr.Column(scale=2, min_width=320):
-            status = gr.Markdown("Press **Run** to sample.", elem_id="sample-status")
-            bar = gr.HTML(progress.bar(0, 1), elem_id="sample-progress", padding=False)
-            with gr.Row():
-                x_t = gr.HTML(label="x_t", show_label=True, container=True, elem_id="preview-xt",
-                              elem_classes=["pixelated"], min_width=160, js_on_load=None)
-                x0 = gr.HTML(label="predicted x0", show_label=True, container=True, elem_id="preview-x0",
-                             elem_classes=["pixelated"], min_width=160, js_on_load=None)
-            with gr.Row():
-                tele = [gr.LinePlot(None, x="step", y="value", color="series", title=title, height=170,
-                                    min_width=200, show_label=False)
-                        for title in ("noise level sqrt(1 - ᾱ)", "RMS of x_t",
-                                                                    "classifier p(class | x_t)",
-                                                                    "guidance strength")]
-            gallery = gr.Gallery(label="Samples", columns=6, fit_columns=False, elem_id="sample-gallery",
-                                 elem_classes=["pixelated"],
-                                 format="png", object_fit="contain")
-            files = gr.File(label="Downloads: PNGs with the recipe, .npz, trajectory animation and arrays",
-                            file_count="multiple", elem_id="sample-files", height=160)
-            command = gr.Code(label="Reproduce on the command line", language="shell", elem_id="reproduce",
-                              interactive=False, lines=2, max_lines=6, wrap_lines=True)
-    gr.Examples(_sampling_examples(ctx, model0, classifiers),
-                inputs=[form.components[name] for name in ("model", "class_label", "sampler", "respacing",
-                                                           "classifier", "classifier_scale", "cfg_scale",
-                                                           "guidance_method")],
-                label="Examples", cache_examples=False)
-
-    sampler_h = Sampler(ctx)
-    run_fn, inputs = form.event(sampler_h.run, Sampler.INPUTS, {"preview_every": preview_every, "session": session},
-                                precision=ctx.precision)
-    outputs = [x_t, x0, status, bar, *tele, gallery, files, command, session]
-    event = streaming(run.click, "sample", gpu(300)(run_fn), inputs, outputs, api_name="sample",
-                      show_progress="hidden", **HEAVY)
-    stop.click(sampler_h.stop, [session], None, api_name="stop_sample", queue=False)
-    check = [model, respacing, sampler, karras]
-    respacing.change(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
-                     api_name="validate_respacing", show_progress="hidden", trigger_mode="always_last", **LIGHT)
-    sampler.change(form.sampler_changed, [sampler], form.sampler_outputs(), api_name="sampler_options",
-                   show_progress="hidden", **LIGHT) \
-        .then(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
-              api_name="validate_respacing_sampler", show_progress="hidden", **LIGHT)
-    karras.input(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
-                 api_name="validate_respacing_karras", show_progress="hidden", **LIGHT)
-    model.change(sampler_h.model_options, [model], [class_choice, cfg_scale, classifier],
-                 api_name="model_options", show_progress="hidden", **LIGHT) \
-        .then(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
-              api_name="validate_respacing_model", show_progress="hidden", **LIGHT)
-    return event, sampler_h, check, (respacing_msg, respacing_plot)
-
-
-def _sampling_examples(ctx: AppContext, model: str, classifiers: list[str]) -> list[list]:
-    info = ctx.info(model)
-    names = class_choices(info)
-    pick = (lambda i: names[min(i, len(names) - 1)])
-    clf = classifiers[0] if classifiers else "none"
-    return [
-        [model, pick(3), "ddim", "50", "none", 0.0, 1.0, "standard"],
-        [model, pick(4), "ddim", "ddim25", "none", 0.0, 3.0, "standard"],
-        [model, pick(7), "euler_a", "30", clf, 2.0 if classifiers else 0.0, 1.0, "conflict"],
-        [model, pick(1), "dpmpp_2m", "20", clf, 0.0, 2.0, "standard"],
-    ]
-
-
-def compare_tab(ctx: AppContext, session: gr.State):
-    models = [n for n in ctx.names("diffusion") if ctx.info(n).num_labels is not None]
-    if not models:
-        gr.Markdown(ctx.missing("diffusion", "class-conditional diffusion model", "scenes32_base.safetensors"))
-        return
-    model0 = _prefer(models, "scenes32_base")
-    info0 = ctx.info(model0)
-    classifiers = [n for n in ctx.names("classifier") if ctx.info(n).image_size == info0.image_size]
-    evaluators = ctx.names("evaluator")
-    if not evaluators:
-        gr.Markdown(ctx.missing("evaluator", "evaluation classifier", "scenes32_evaluator.safetensors")
-                    + " The grid still fills, without per-cell numbers.")
-    form = Form(ctx)
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=1, min_width=300):
-            model = form.widget("model", choices=models, value=model0)
             names = class_choices(info0)[1:]
             class_choice = form.widget("class_label", choices=names, value=names[0], label="Requested class")
+            form.widget("classifier", choices=["none", *classifiers], value=classifiers[0] if classifiers else "none")
+            with gr.Row():
+                row_axis = Dropdown(list(AXES), value=DEFAULT_AXES[0], label="Rows sweep", min_width=120,
+                                    elem_id="compare-row-axis")
+                row_values = gr.Textbox("0, 1, 3, 10", label="Row values", min_width=120, elem_id="compare-clf-scales",
+                                        info="commas or spaces between values; ';' for steps and intervals")
+            with gr.Row():
+                column_axis = Dropdown(list(AXES), value=DEFAULT_AXES[1], label="Columns sweep", min_width=120,
+                                       elem_id="compare-column-axis")
+                column_values = gr.Textbox("0, 1, 3", label="Column values", min_width=120,
+                                           elem_id="compare-cfg-scales", info="CFG 0 is the unconditional model")
+            gr.Markdown("Every other option is the same in each cell:", elem_classes=["compare-note"])
             with gr.Row():
                 form.widget("sampler", value="ddim", min_width=120)
-                # ddim25 starts at t=960: "25" starts at t=999, where the cosine schedule's abar (2.4e-9) makes DDIM's
-                # score-form classifier guidance ~1000x larger in its first step (tests/test_samplers.py shows it)
-                form.widget("respacing", value="ddim25", min_width=120, elem_id="compare-respacing")
-            form.widget("classifier", choices=["none", *classifiers], value=classifiers[0] if classifiers else "none")
-            classifier_scales = gr.Textbox("0, 3, 10", label="Classifier scales (rows)", elem_id="compare-clf-scales")
-            cfg_scales = gr.Textbox("0, 1, 3", label="CFG scales (columns)", elem_id="compare-cfg-scales")
-            form.widget("guidance_method")
+                form.widget("respacing", value="25", min_width=120, elem_id="compare-respacing", info=None)
             with gr.Row():
+                form.widget("batch_size", maximum=8, value=4, label="Images per cell", min_width=120,
+                            elem_id="compare-per-cell")
                 form.widget("seed", min_width=100)
-                form.widget("batch_size", maximum=8, value=4, label="Images per cell",
-                            min_width=120, elem_id="compare-per-cell")
+            with gr.Accordion("Guidance where not swept", open=False):
+                form.widget("classifier_scale", value=3.0)
+                form.widget("cfg_scale", value=0.0)
+                form.widget("guidance_method")
+                form.widget("cfg_rescale")
+                form.widget("guidance_interval")
             evaluator = Dropdown(["none", *evaluators], value=evaluators[0] if evaluators else "none",
-                                    label="Evaluation classifier (never used for guidance)")
+                                 label="Evaluation classifier (never used for guidance)")
             with gr.Row():
                 run = gr.Button("Run sweep", variant="primary", elem_id="compare-run")
                 stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
         with gr.Column(scale=2, min_width=320):
-            status = gr.Markdown("Same seed, same noise, one cell per pair of scales.", elem_id="compare-status")
+            status = gr.Markdown("Same seed, same start noise and per-step noise in every cell; rows and columns "
+                                 "sweep two options. From the unconditional model (CFG 0) classifier guidance has "
+                                 "something to show: accuracy rises with its scale.", elem_id="compare-status")
             bar = gr.HTML(progress.bar(0, 1), elem_id="compare-progress", padding=False)
             grid = gr.Image(label="Sweep", format="png", interactive=False, elem_id="compare-grid",
-                            show_label=False, elem_classes=["pixelated"])
-            table = gr.Dataframe(headers=COLUMNS, label="Per-cell numbers (evaluation classifier)",
+                            show_label=False, elem_classes=["pixelated", "one-to-one"])
+            table = gr.Dataframe(headers=[*DEFAULT_AXES, *CELL_NUMBERS],
+                                 label="Per cell: evaluation classifier's confidence and accuracy for the requested "
+                                       "class, diversity (mean feature distance), saturated pixels, seconds",
                                  elem_id="compare-table", interactive=False)
             tradeoff = gr.Plot(label="Trade-off", format="png", elem_id="compare-tradeoff", show_label=False)
             files = gr.File(label="Downloads", file_count="multiple")
     handler = Comparison(ctx)
     run_fn, inputs = form.event(handler.run, Comparison.INPUTS,
-                                {"classifier_scales": classifier_scales, "cfg_scales": cfg_scales,
-                                 "evaluator": evaluator, "session": session}, allow_random=False,
-                                precision=ctx.precision)
+                                {"row_values": row_values, "column_values": column_values, "evaluator": evaluator,
+                                 "row_axis": row_axis, "column_axis": column_axis, "session": session},
+                                allow_random=False, precision=ctx.precision)
     streaming(run.click, "compare", gpu(600)(run_fn), inputs, [grid, table, tradeoff, status, bar, files, session],
               api_name="compare", show_progress="hidden", **HEAVY)
     stop.click(handler.stop, [session], None, api_name="stop_compare", queue=False)
     model.change(handler.model_options, [model], [class_choice], api_name="compare_model_options",
                  show_progress="hidden",
                  **LIGHT)
+    row_axis.change(handler.axis_changed, [row_axis], [row_values], show_progress="hidden", queue=False)
+    column_axis.change(handler.axis_changed, [column_axis], [column_values], show_progress="hidden", queue=False)
 
 
 def trajectory_tab(session: gr.State):

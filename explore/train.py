@@ -40,9 +40,11 @@ def base_config(num_classes: int, size: int = 32) -> UNetConfig:
 
 
 def classifier_config(num_classes: int, size: int = 32) -> ClassifierConfig:
-    """Noisy classifier for guidance: time-conditioned encoder with attention pooling."""
+    """Noisy classifier for guidance: time-conditioned encoder with attention pooling, its logits gated by the
+    base's signal level sqrt(abar_t) (see EncoderUNetModel)."""
     return ClassifierConfig(image_size=size, model_channels=32, out_channels=num_classes, num_res_blocks=1,
-                            attention_ds=(4,), channel_mult=(1, 2, 2), num_head_channels=32)
+                            attention_ds=(4,), channel_mult=(1, 2, 2), num_head_channels=32,
+                            signal_gate=DIFFUSION.noise_schedule, signal_gate_steps=DIFFUSION.steps)
 
 
 def upsampler_config(num_classes: int, large_size: int = 128) -> UNetConfig:

@@ -317,3 +317,50 @@ def test_missing_model_kinds_are_explained(tmp_path):
     texts = [getattr(block, "value", "") or "" for block in demo.blocks.values()]
     assert any("No upsampler found" in str(t) for t in texts)
     assert any("No evaluation classifier found" in str(t) for t in texts)
+
+
+def test_comparison_sweeps_any_two_options_on_the_same_noise(app_context):
+    session = Session()
+    outputs = list(compare(app_context, BASE, "alpine", "ddim", "4", CLF, "ddim, euler", "2 0", "standard", 5, 1, EVAL,
+                           session, "sampler", "seed", 2.0, 1.0, 0.0, ""))
+    grid, table, _, status, _, files, _ = outputs[-1]
+    assert status.startswith("Finished 4 cells, same seed")
+    assert list(table.columns) == ["sampler", "seed", "confidence", "accuracy", "diversity", "saturated", "seconds"]
+    assert table[["sampler", "seed"]].values.tolist() == [["ddim", 2], ["ddim", 0], ["euler", 2], ["euler", 0]]
+    assert table["saturated"].between(0, 1).all()
+    images, labels = load_samples_npz([f for f in files if f.endswith(".npz")][0])
+    for index, (sampler, seed) in enumerate([("ddim", 2), ("ddim", 0), ("euler", 2), ("euler", 0)]):
+        plain = run(Recipe(BASE, class_label=0, sampler=sampler, respacing="4", seed=seed, batch_size=1,
+                           classifier=CLF, classifier_scale=2.0), app_context.registry)
+        assert np.array_equal(images[index:index + 1], to_uint8(plain.x)), (sampler, seed)
+    # DDIM with eta 0 and Euler walk the same grid with the same update: the same images within float rounding
+    assert np.abs(images[0].astype(int) - images[2].astype(int)).max() <= 2
+
+
+def test_comparison_sweeps_classes_intervals_and_steps(app_context):
+    outputs = list(compare(app_context, BASE, "alpine", "ddim", "4", CLF, "desert lake", "all; 0,500", "standard", 0, 1,
+                           EVAL, Session(), "class", "guidance interval", 5.0, 1.0, 0.0, ""))
+    table = outputs[-1][1]
+    assert table[["class", "guidance interval"]].values.tolist() == [
+        ["desert", "all"], ["desert", "0,500"], ["lake", "all"], ["lake", "0,500"]]
+    images, labels = load_samples_npz([f for f in outputs[-1][5] if f.endswith(".npz")][0])
+    assert labels.tolist() == [1, 1, 7, 7]
+    table = list(compare(app_context, BASE, "alpine", "ddim", "4", CLF, "3; 2,3", "0 1", "standard", 0, 1, None,
+                         Session(), "respacing", "CFG scale"))[-1][1]
+    assert table["respacing"].tolist() == ["3", "3", "2,3", "2,3"] and table["confidence"].isna().all()
+
+
+@pytest.mark.parametrize("axes,values,message", [
+    (("seed", "seed"), ("1", "2"), "both sweep seed"),
+    (("sampler", "CFG scale"), ("ddim, plms", "1"), "plms"),
+    (("respacing", "CFG scale"), ("abc", "1"), "respacing"),
+    (("class", "CFG scale"), ("moon", "1"), "Unknown class"),
+    (("guidance interval", "CFG scale"), ("9,1", "1"), "guidance interval"),
+    (("tilt", "CFG scale"), ("1", "1"), "not one of"),
+    (("CFG scale", "seed"), ("1 2 3 4 5 6 7", "1"), "at most 6"),
+])
+def test_comparison_refuses_bad_axes_before_sampling(app_context, axes, values, message):
+    import gradio as gr
+    gen = compare(app_context, BASE, "alpine", "ddim", "4", CLF, *values, "standard", 0, 1, EVAL, Session(), *axes)
+    with pytest.raises(gr.Error, match=message):
+        next(gen)

@@ -339,7 +339,13 @@ class SuperResModel(UNetModel):
 
 
 class EncoderUNetModel(_TorsoDtype, nn.Module):
-    """Noisy classifier: forward(x, t) -> logits [B, out_channels]."""
+    """Noisy classifier: forward(x, t) -> logits [B, out_channels].
+
+    With `cfg.signal_gate` the logits are multiplied by sqrt(abar_t). For x_t = sqrt(abar) x0 + sqrt(1 - abar) z,
+    the true d/dx_t log p(y | x_t) = sqrt(abar) / (1 - abar) (E[x0 | x_t, y] - E[x0 | x_t]) vanishes with
+    sqrt(abar); an ungated network trained by cross-entropy need not, and score-form guidance multiplies the
+    gradient by (1 - abar) / sqrt(abar) (2e4 at the cosine schedule's last timestep) on its way to x0.
+    """
 
     _torso_names = ("input_blocks", "middle_block")
 
@@ -356,6 +362,11 @@ class EncoderUNetModel(_TorsoDtype, nn.Module):
         else:  # 'adaptive'
             self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
                                      zero_init(nn.Conv2d(ch, cfg.out_channels, 1)), nn.Flatten())
+        self._gate_log_sigmas = None
+        if cfg.signal_gate is not None:
+            from explore.denoisers import log_sigma_table
+            from explore.schedules import Schedule
+            self._gate_log_sigmas = log_sigma_table(Schedule.named(cfg.signal_gate, cfg.signal_gate_steps))
 
     def forward(self, x, t):
         emb = self._embed(t, x.shape[0], x.device)
@@ -363,4 +374,15 @@ class EncoderUNetModel(_TorsoDtype, nn.Module):
         for block in self.input_blocks:
             h = block(h, emb)
         h = self.middle_block(h, emb)
-        return self.out(h.to(x.dtype))
+        logits = self.out(h.to(x.dtype))
+        if self._gate_log_sigmas is None:
+            return logits
+        return logits * self._signal(t, x.shape[0], x.device).to(logits.dtype)[:, None]
+
+    def _signal(self, t, batch: int, device) -> torch.Tensor:
+        """sqrt(abar) at timesteps t (fractional ones interpolated in log sigma)."""
+        from explore.denoisers import alpha_bar_at
+        if self._gate_log_sigmas.device != torch.device(device):
+            self._gate_log_sigmas = self._gate_log_sigmas.to(device)
+        t = torch.as_tensor(t, device=device)
+        return alpha_bar_at(self._gate_log_sigmas, t.expand(batch) if t.ndim == 0 else t).sqrt()

@@ -97,11 +97,18 @@ class ClassifierConfig(_JSONConfig):
     num_head_channels: int = 64  # channels per attention head (hard-wired 64 by create_classifier)
     pool: str = "attention"  # 'attention' (AttentionPool2d, all releases) or 'adaptive' (mean + 1x1 conv)
     use_fp16: bool = False  # fp16 torso
+    # Built-in classifiers: the noise schedule ('linear' or 'cosine', signal_gate_steps long) whose sqrt(abar_t)
+    # multiplies the logits, so log p(y | x_t) and its gradient fade with the signal as the true ones do.
+    # None (every release): logits as the network gives them.
+    signal_gate: str | None = None
+    signal_gate_steps: int = 1000
 
     def __post_init__(self):
         _normalise_levels(self)
         if self.pool not in ("attention", "adaptive"):
             raise ValueError(f"unsupported classifier pool {self.pool!r} (supported: 'attention', 'adaptive')")
+        if self.signal_gate not in (None, "linear", "cosine"):
+            raise ValueError(f"unsupported signal_gate {self.signal_gate!r} (supported: None, 'linear', 'cosine')")
 
 
 @dataclass(frozen=True, kw_only=True)

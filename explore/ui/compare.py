@@ -1,10 +1,10 @@
-"""Guidance comparison: one seed, one recorded noise, an X/Y sweep of CFG and classifier scales."""
+"""Guidance comparison: an X/Y sweep of any two run options, every cell from the same seed and noise."""
 from __future__ import annotations
 
 import math
 import re
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import gradio as gr
 import numpy as np
@@ -14,14 +14,45 @@ import torch
 from explore.classify import classify
 from explore.engine import Recipe, plan
 from explore.metrics import saturated_fraction
-from explore.noise import PerImageNoise, Recorder
 from explore.outputs import save_png, save_samples_npz, to_uint8
+from explore.recipe import Number, options_of
 from explore.ui import images, plots, progress as progress_bar
-from explore.ui.context import AppContext, class_choices, optional
+from explore.ui.context import AppContext, class_choices, class_index, class_names, optional
 from explore.ui.session import Session, ensure
 
 MAX_VALUES = 6  # per axis
-COLUMNS = ["classifier scale", "CFG scale", "confidence", "accuracy", "diversity", "seconds"]
+NUMBERS = ["confidence", "accuracy", "diversity", "saturated", "seconds"]  # per cell, after the two axis values
+GRID_WIDTH = 760  # px the grid is drawn to fit, cells enlarged by a whole factor (the page shows it 1:1)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A run option the comparison can sweep along its rows or columns."""
+
+    label: str  # the table's column and the plot's axis
+    field: str  # the Recipe field it sets
+    heading: str  # a row's or column's heading is f"{heading} {value}"
+    example: str
+    separators: str = r"[,\s;]+"  # between values in the text box
+
+    @property
+    def numeric(self) -> bool:
+        return self.field in ("classifier_scale", "cfg_scale", "cfg_rescale", "seed")
+
+
+_LIST = r"[;\s]+"  # for values that hold commas themselves
+AXES = {axis.label: axis for axis in [
+    Axis("classifier scale", "classifier_scale", "classifier", "0, 1, 3, 10"),
+    Axis("CFG scale", "cfg_scale", "CFG", "0, 1, 3"),
+    Axis("sampler", "sampler", "", "ddpm, ddim, euler, euler_a, heun, dpmpp_2m"),
+    Axis("respacing", "respacing", "steps", "10; 25; ddim25; 10,15,20", _LIST),
+    Axis("seed", "seed", "seed", "0, 1, 2"),
+    Axis("class", "class_label", "", "alpine, desert"),
+    Axis("guidance method", "guidance_method", "", "standard, conflict"),
+    Axis("guidance interval", "guidance_interval", "t in", "all; 0,600; 600,999", _LIST),
+    Axis("CFG rescale", "cfg_rescale", "rescale", "0, 0.7"),
+]}
+DEFAULT_AXES = ("classifier scale", "CFG scale")
 
 
 def parse_scales(text: str, name: str, low: float, high: float) -> list[float]:
@@ -34,13 +65,43 @@ def parse_scales(text: str, name: str, low: float, high: float) -> list[float]:
         try:
             value = float(part)
         except ValueError:
-            raise gr.Error(f"{name}: {part!r} is not a number") from None
+            raise gr.Error(f"{name}: {part[:40]!r} is not a number") from None
         if not math.isfinite(value) or not low <= value <= high:
-            raise gr.Error(f"{name}: {part} is outside [{low:g}, {high:g}]")
+            raise gr.Error(f"{name}: {part[:40]} is outside [{low:g}, {high:g}]")
         values.append(value)
     if len(values) > MAX_VALUES:
         raise gr.Error(f"{name}: at most {MAX_VALUES} values (got {len(values)})")
     return list(dict.fromkeys(values))
+
+
+def axis_values(ctx: AppContext, axis: Axis, text, classes) -> list:
+    """The values typed for `axis`, each checked as the recipe checks that option; a gr.Error otherwise."""
+    kind = options_of(Recipe)[axis.field].kind
+    if isinstance(kind, Number):
+        return parse_scales(text, f"{axis.label} values", kind.low, kind.high)
+    parts = [p for p in re.split(axis.separators, str(text or "").strip()) if p]
+    if not parts:
+        raise gr.Error(f"{axis.label} values: give at least one, e.g. '{axis.example}'")
+    if len(parts) > MAX_VALUES:
+        raise gr.Error(f"{axis.label} values: at most {MAX_VALUES} (got {len(parts)})")
+    values = []
+    for part in parts:
+        if axis.field == "class_label":
+            values.append(class_index(classes, part, allow_random=False))
+        elif axis.field == "guidance_interval" and part.lower() == "all":
+            values.append("")
+        else:
+            values.append(kind.parse(axis.label, part, ctx.registry.caps))
+    return list(dict.fromkeys(values))
+
+
+def shown(axis: Axis, value, classes) -> str:
+    """A value as the grid's headings and the table show it."""
+    if axis.field == "class_label":
+        return class_names(classes)[value]
+    if axis.field == "guidance_interval":
+        return value or "all"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def evaluate(ctx: AppContext, evaluator: str | None, x: torch.Tensor, label: int) -> dict:
@@ -55,12 +116,20 @@ def evaluate(ctx: AppContext, evaluator: str | None, x: torch.Tensor, label: int
     return {"confidence": confidence, "accuracy": accuracy, "diversity": diversity}
 
 
+def cell_scale(per_cell: int, size: int, columns: int, side: int = 130) -> tuple[int, int]:
+    """(images per tile row, whole enlargement) that fits `columns` cells into GRID_WIDTH, at most 4x."""
+    across = math.ceil(math.sqrt(per_cell))
+    tile_w = across * size + across - 1
+    return across, max(1, min(4, (GRID_WIDTH - side) // (columns * (tile_w + 8)) if columns else 4))
+
+
 class Comparison:
     """The Guidance comparison tab: cells filled one by one, stoppable within a step."""
 
     # the API's parameters in order: recipe fields (batch_size = images per cell) and the sweep's own
-    INPUTS = ("model", "class_label", "sampler", "respacing", "classifier", "classifier_scales", "cfg_scales",
-              "guidance_method", "seed", "batch_size", "evaluator", "session")
+    INPUTS = ("model", "class_label", "sampler", "respacing", "classifier", "row_values", "column_values",
+              "guidance_method", "seed", "batch_size", "evaluator", "session", "row_axis", "column_axis",
+              "classifier_scale", "cfg_scale", "cfg_rescale", "guidance_interval")
 
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
@@ -74,83 +143,122 @@ class Comparison:
         names = class_choices(self.ctx.info(model))[1:]
         return gr.update(choices=names, value=names[0] if names else None)
 
-    def run(self, base: Recipe, classifier_scales, cfg_scales, evaluator, session: Session, progress=gr.Progress()):
-        """Sweep classifier scales (rows) x CFG scales (columns) on the same seed and noise."""
+    def axis_changed(self, axis: str):
+        """An axis's example values, when another axis is chosen."""
+        return gr.update(value=AXES[axis].example if axis in AXES else "")
+
+    def _axes(self, base: Recipe, row_axis, column_axis, row_values, column_values) -> tuple[Axis, list, Axis, list]:
+        names = (row_axis or DEFAULT_AXES[0], column_axis or DEFAULT_AXES[1])
+        for name in names:
+            if name not in AXES:
+                raise gr.Error(f"axis: {str(name)[:40]!r} is not one of {', '.join(AXES)}")
+        if names[0] == names[1]:
+            raise gr.Error(f"rows and columns both sweep {names[0]}; choose two different options")
+        info = self.ctx.info(base.model)
+        if "classifier scale" in names and base.classifier is None:
+            raise gr.Error("classifier scale: choose a guidance classifier to sweep its scale")
+        if {"CFG scale", "CFG rescale"} & set(names) and info.null_class is None:
+            raise gr.Error(f"CFG: {base.model} has no null class, so it has no classifier-free guidance to sweep")
+        rows, cols = (axis_values(self.ctx, AXES[name], text, info)
+                      for name, text in zip(names, (row_values, column_values)))
+        return AXES[names[0]], rows, AXES[names[1]], cols
+
+    def run(self, base: Recipe, row_values, column_values, evaluator, session: Session, row_axis=None,
+            column_axis=None, progress=gr.Progress()):
+        """Sweep two options (rows x columns; by default classifier scale x CFG scale) on the same seed and noise."""
         session = ensure(session)
         info = self.ctx.info(base.model)
         if info.num_labels is None:
             raise gr.Error(f"{base.model} is unconditional; the comparison needs a class-conditional model.")
-        label, per_cell, evaluator = base.class_label, base.batch_size, optional(evaluator)
+        per_cell, evaluator = base.batch_size, optional(evaluator)
         if evaluator is not None and self.ctx.info(evaluator).kind != "evaluator":
             raise gr.Error(f"{evaluator} is not an evaluation classifier.")
-        rows = parse_scales(classifier_scales, "classifier scales", 0.0, 1000.0) if base.classifier else [0.0]
-        cols = parse_scales(cfg_scales, "CFG scales", 0.0, 100.0) if info.null_class is not None else [1.0]
+        row_axis, rows, col_axis, cols = self._axes(base, row_axis, column_axis, row_values, column_values)
+        recipes = {(i, j): replace(base, **{row_axis.field: r, col_axis.field: c})
+                   for i, r in enumerate(rows) for j, c in enumerate(cols)}
+        plans = {key: plan(recipe, self.ctx.registry) for key, recipe in recipes.items()}  # every cell checked first
 
         session.start("compare")
-        source = recorder = Recorder(PerImageNoise.from_seed(base.seed, per_cell, (3, info.image_size, info.image_size),
-                                                 self.ctx.registry.device))
-        cells, notes, table, points, samples = {}, {}, [], [], {}
-        row_names = [f"classifier {r:g}" for r in rows]
-        col_names = [f"CFG {c:g}" for c in cols]
-        cell_size = None
-        total_cells = len(rows) * len(cols)
+        sweep = Sweep(row_axis, col_axis, rows, cols, info, per_cell, info.image_size)
         note = "" if evaluator else " (no evaluator: numbers unavailable)"
-        yield self._view(cells, notes, row_names, col_names, (96, 96), table, points,
-                         f"Computing {total_cells} cells{note}…", session)
-        done = 0
-        for i, cls_scale in enumerate(rows):
-            for j, cfg in enumerate(cols):
-                run = plan(replace(base, classifier_scale=cls_scale, cfg_scale=cfg), self.ctx.registry, noise=source)
-                started, last = time.perf_counter(), None
-                for last in run.steps(should_stop=session.should_stop("compare")):
-                    progress((done * len(run.grid) + last.index + 1, total_cells * len(run.grid)),
-                             desc=f"cell {done + 1}/{total_cells}")
-                if session.stop["compare"] or last is None:
-                    yield self._view(cells, notes, row_names, col_names, cell_size or (96, 96), table, points,
-                                     f"Stopped after {done} of {total_cells} cells.", session)
-                    return
-                if done == 0:  # every later cell replays the first cell's x_T and per-step noise
-                    source = recorder.replay()
-                seconds = time.perf_counter() - started
-                x = last.x.clamp(-1, 1)
-                samples[(i, j)] = to_uint8(x)
-                numbers = evaluate(self.ctx, evaluator, x, label)
-                tiled = images.tile(samples[(i, j)], columns=min(per_cell, 4), pad=1)
-                scale = max(1, min(128 // tiled.shape[0], 384 // tiled.shape[1]))
-                cells[(i, j)] = images.enlarge(tiled, tiled.shape[1] * scale)
-                cell_size = cells[(i, j)].shape[:2]
-                if numbers["confidence"] is not None:
-                    notes[(i, j)] = f"p={numbers['confidence']:.2f} acc={numbers['accuracy']:.2f}"
-                table.append([cls_scale, cfg, *(None if numbers[k] is None else round(numbers[k], 3)
-                                                for k in ("confidence", "accuracy", "diversity")), round(seconds, 2)])
-                points.append({**numbers, "saturated": saturated_fraction(samples[(i, j)]),
-                               "classifier scale": cls_scale, "CFG scale": cfg})
-                done += 1
-                yield self._view(cells, notes, row_names, col_names, cell_size, table, points,
-                                 f"Cell {done}/{total_cells} done (classifier {cls_scale:g}, CFG {cfg:g}, "
-                                 f"{seconds:.1f} s){note}.", session)
-        files = self._write(base, rows, cols, samples, label, cells, notes, row_names, col_names, cell_size, table)
-        yield self._view(cells, notes, row_names, col_names, cell_size, table, points,
-                         f"Finished {total_cells} cells, same seed {base.seed} and the same noise in each{note}.",
+        total_steps = sum(len(p.grid) for p in plans.values())
+        yield self._view(sweep, f"Computing {len(plans)} cells{note}…", session)
+        done_steps = 0
+        for key, cell in plans.items():
+            started, last = time.perf_counter(), None
+            for last in cell.steps(should_stop=session.should_stop("compare")):
+                progress((done_steps + last.index + 1, total_steps), desc=f"cell {len(sweep.table) + 1}/{len(plans)}")
+            if session.stop["compare"] or last is None:
+                yield self._view(sweep, f"Stopped after {len(sweep.table)} of {len(plans)} cells.", session)
+                return
+            done_steps += len(cell.grid)
+            seconds = time.perf_counter() - started
+            x = last.x.clamp(-1, 1)
+            label = cell.recipe.class_label
+            sweep.add(key, to_uint8(x), evaluate(self.ctx, evaluator, x, label), seconds)
+            yield self._view(sweep, f"Cell {len(sweep.table)}/{len(plans)} done ({sweep.row_names[key[0]]}, "
+                             f"{sweep.col_names[key[1]]}, {seconds:.1f} s){note}.", session)
+        files = self._write(base, sweep, rows, cols, [recipes[key].class_label for key in plans])
+        same = "seed" if row_axis.field == "seed" or col_axis.field == "seed" else f"seed {base.seed}"
+        yield self._view(sweep, f"Finished {len(plans)} cells, same {same} and the same noise in each{note}.",
                          session, files)
 
-    def _view(self, cells, notes, rows, cols, cell_size, table, points, status, session, files=None):
-        grid = images.labelled_grid(cells, rows, cols, notes, cell_size, "rows: classifier scale", "columns: CFG scale")
-        frame = pd.DataFrame(table, columns=COLUMNS)
-        bar = progress_bar.bar(len(table), len(rows) * len(cols))
-        return (grid, frame, plots.tradeoff_figure(points), status, bar, gr.update() if files is None else files,
-                session)
+    def _view(self, sweep: "Sweep", status: str, session, files=None):
+        bar = progress_bar.bar(len(sweep.table), len(sweep.row_names) * len(sweep.col_names))
+        return (sweep.grid(), sweep.frame(), plots.tradeoff_figure(sweep.points, sweep.axis_labels), status, bar,
+                gr.update() if files is None else files, session)
 
-    def _write(self, base, rows, cols, samples, label, cells, notes, row_names, col_names, cell_size, table):
+    def _write(self, base, sweep: "Sweep", rows, cols, labels):
         out = self.ctx.new_run_dir("compare")
-        grid = images.labelled_grid(cells, row_names, col_names, notes, cell_size, "rows: classifier scale",
-                                    "columns: CFG scale")
-        sweep = {"classifier_scales": rows, "cfg_scales": cols, "cells": "row-major, classifier scale x CFG scale"}
+        meta = {"rows": {"option": sweep.row_axis.field, "values": rows},
+                "columns": {"option": sweep.col_axis.field, "values": cols}, "cells": "row-major"}
         from PIL import Image
-        png = save_png(Image.fromarray(grid), out / "comparison.png", base.to_json(), {"sweep": sweep})
-        stacked = np.concatenate([samples[(i, j)] for i in range(len(rows)) for j in range(len(cols))])
+        png = save_png(Image.fromarray(sweep.grid()), out / "comparison.png", base.to_json(), {"sweep": meta})
+        keys = sorted(sweep.samples)
+        stacked = np.concatenate([sweep.samples[key] for key in keys])
+        per_cell = [len(sweep.samples[key]) for key in keys]
         npz = save_samples_npz(out / f"comparison_{len(stacked)}x{stacked.shape[1]}x{stacked.shape[2]}x3.npz",
-                               stacked, np.full(len(stacked), label))
+                               stacked, np.repeat(np.asarray(labels), per_cell))
         csv = out / "comparison.csv"
-        pd.DataFrame(table, columns=COLUMNS).to_csv(csv, index=False)
+        sweep.frame().to_csv(csv, index=False)
         return [str(png), str(npz), str(csv)]
+
+
+class Sweep:
+    """What a comparison has produced so far: cell images, notes, the table and the plot's points."""
+
+    def __init__(self, row_axis: Axis, col_axis: Axis, row_values: list, col_values: list, classes,
+                 per_cell: int, image_size: int):
+        self.row_axis, self.col_axis = row_axis, col_axis
+        # the table's values: numbers for numeric axes, else as shown
+        self.row_values = [v if row_axis.numeric else shown(row_axis, v, classes) for v in row_values]
+        self.col_values = [v if col_axis.numeric else shown(col_axis, v, classes) for v in col_values]
+        self.row_names = [f"{row_axis.heading} {shown(row_axis, v, classes)}".strip() for v in row_values]
+        self.col_names = [f"{col_axis.heading} {shown(col_axis, v, classes)}".strip() for v in col_values]
+        self.across, self.scale = cell_scale(per_cell, image_size, len(col_values))
+        down = math.ceil(per_cell / self.across)
+        width = min(per_cell, self.across)
+        self.cell_size = ((down * (image_size + 1) - 1) * self.scale, (width * (image_size + 1) - 1) * self.scale)
+        self.cells, self.notes, self.samples, self.table, self.points = {}, {}, {}, [], []
+
+    @property
+    def axis_labels(self) -> tuple[str, str]:
+        return self.col_axis.label, self.row_axis.label
+
+    def add(self, key: tuple[int, int], samples: np.ndarray, numbers: dict, seconds: float) -> None:
+        self.samples[key] = samples
+        tiled = images.tile(samples, columns=min(len(samples), self.across), pad=1)
+        self.cells[key] = tiled.repeat(self.scale, 0).repeat(self.scale, 1)
+        if numbers["confidence"] is not None:
+            self.notes[key] = f"p={numbers['confidence']:.2f} acc={numbers['accuracy']:.2f}"
+        values = {**numbers, "saturated": saturated_fraction(samples), "seconds": seconds}
+        row, col = self.row_values[key[0]], self.col_values[key[1]]
+        self.table.append([row, col, *(None if values[k] is None else round(values[k], 3) for k in NUMBERS)])
+        self.points.append({**values, self.row_axis.label: row, self.col_axis.label: col})
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.table, columns=[self.row_axis.label, self.col_axis.label, *NUMBERS])
+
+    def grid(self) -> np.ndarray:
+        return images.labelled_grid(self.cells, self.row_names, self.col_names, self.notes, self.cell_size,
+                                    f"rows: {self.row_axis.label}", f"columns: {self.col_axis.label}")

@@ -111,7 +111,7 @@ def class_index(info: ModelInfo, choice: str | int | None, allow_random: bool = 
         return names.index(choice)
     if re.fullmatch(r"\d+", str(choice)) and int(choice) < len(names):
         return int(choice)
-    raise gr.Error(f"Unknown class {choice!r} for {info.name}; choose one of: {', '.join(names[:20])}"
+    raise gr.Error(f"Unknown class {str(choice)[:60]!r} for {info.name}; choose one of: {', '.join(names[:20])}"
                    f"{' ...' if len(names) > 20 else ''}")
 
 

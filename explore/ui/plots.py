@@ -44,25 +44,39 @@ TRADEOFF_PANELS = (("accuracy", "class accuracy", (-0.05, 1.05)), ("diversity", 
                    ("saturated", "saturated pixels (fraction)", (-0.05, 1.05)))
 
 
+def _numeric(values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
 def tradeoff_figure(points: list[dict], axes: tuple[str, str] = ("CFG scale", "classifier scale")) -> Figure:
-    """The sweep's trade-off: accuracy, diversity and saturated pixels, each against the axis with the most values
-    (one line per value of the other axis, labelled in the legend)."""
+    """The sweep's trade-off: accuracy, diversity and saturated pixels, each against one swept option (a numeric
+    one with the most values; named values such as samplers sit side by side), one labelled line per value of
+    the other."""
     first, second = axes
-    if len({p[second] for p in points}) > len({p[first] for p in points}):
+    values = {name: list(dict.fromkeys(p[name] for p in points)) for name in axes}
+    swap = len(values[second]) > len(values[first])
+    if _numeric(values[first]) != _numeric(values[second]):
+        swap = _numeric(values[second])
+    if swap:
         first, second = second, first
     panels = [(key, label, limits) for key, label, limits in TRADEOFF_PANELS
               if any(p.get(key) is not None for p in points)]
     if not panels:
         return message_figure("No numbers yet: they appear as the cells finish.", 8.4, 2.8)
     fig, axs = _figure(8.4, 2.8, cols=len(panels))
-    series = sorted({p[second] for p in points})
+    numeric_x = _numeric(values[first])
+    position = {v: (v if numeric_x else i) for i, v in enumerate(values[first])}
+    series = sorted(values[second]) if _numeric(values[second]) else values[second]
     colours = colormaps["viridis"](np.linspace(0, 0.85, max(len(series), 1)))
     for ax, (key, label, limits) in zip(axs, panels):
         for colour, value in zip(colours, series):
-            mine = sorted((p[first], p[key]) for p in points if p[second] == value and p.get(key) is not None)
+            mine = sorted((position[p[first]], p[key]) for p in points if p[second] == value and p.get(key) is not None)
             if mine:
-                ax.plot(*zip(*mine), "o-", color=colour, lw=1.5, ms=4, label=f"{second} {value:g}")
+                name = f"{value:g}" if isinstance(value, float) else value
+                ax.plot(*zip(*mine), "o-", color=colour, lw=1.5, ms=4, label=f"{second} {name}")
         ax.set(xlabel=first, ylabel=label)
+        if not numeric_x:
+            ax.set_xticks(range(len(values[first])), [str(v) for v in values[first]], rotation=30, fontsize=8)
         if limits:
             ax.set_ylim(*limits)
     handles, labels = axs[0].get_legend_handles_labels()
