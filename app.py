@@ -53,6 +53,113 @@ def sampling_tab(ctx: AppContext, session: gr.State):
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300):
             model = form.widget("model", choices=models, value=model0)
+            class_choice = form.widget("class_label", choices=class_choices(info0), value=class_choices(info0)[0])
+            with gr.Row():
+                sampler = form.widget("sampler", value="ddim", min_width=120)
+                respacing = form.widget("respacing", value="50", min_width=140, elem_id="sample-respacing")
+            respacing_msg = gr.Markdown(elem_id="respacing-msg")
+            karras = form.widget("karras")
+            with gr.Row():
+                for name in sampler_option_names():
+                    form.widget(name, min_width=120)
+            with gr.Group():
+                classifier = form.widget("classifier", choices=["none", *classifiers],
+                                         value=classifiers[0] if classifiers else "none")
+                form.widget("classifier_scale")
+                cfg_scale = form.widget("cfg_scale", interactive=info0.null_class is not None)
+                form.widget("cfg_rescale")
+                form.widget("guidance_interval", elem_id="sample-guidance-interval")
+                form.widget("guidance_method")
+            with gr.Row():
+                form.widget("seed", min_width=100)
+                form.widget("batch_size", value=2, min_width=120, elem_id="sample-batch")
+            preview_every = Slider(1, 50, 5, step=1, label="Preview every N steps", elem_id="sample-every",
+                                   info=f"at most {1 / Sampler.min_preview_interval_s:.0f} previews a second; "
+                                   "every step is kept for the trajectory")
+            with gr.Row():
+                run = gr.Button("Run", variant="primary", elem_id="sample-run")
+                stop = gr.Button("Stop", variant="stop", elem_id="sample-stop")
+            respacing_plot = gr.Plot(label="Kept timesteps on the noise-level curve", format="png",
+                                     elem_id="respacing-plot", show_label=False)
+        with gr.Column(scale=2, min_width=320):
+            status = gr.Markdown("Press **Run** to sample.", elem_id="sample-status")
+            bar = gr.HTML(progress.bar(0, 1), elem_id="sample-progress", padding=False)
+            with gr.Row():
+                x_t = gr.HTML(label="x_t", show_label=True, container=True, elem_id="preview-xt",
+                              elem_classes=["pixelated"], min_width=160, js_on_load=None)
+                x0 = gr.HTML(label="predicted x0", show_label=True, container=True, elem_id="preview-x0",
+                             elem_classes=["pixelated"], min_width=160, js_on_load=None)
+            with gr.Row():
+                tele = [gr.LinePlot(None, x="step", y="value", color="series", title=title, height=170,
+                                    min_width=200, show_label=False)
+                        for title in ("noise level sqrt(1 - ᾱ)", "RMS of x_t",
+                                                                    "classifier p(class | x_t)",
+                                                                    "guidance strength")]
+            gallery = gr.Gallery(label="Samples", columns=6, fit_columns=False, elem_id="sample-gallery",
+                                 elem_classes=["pixelated"],
+                                 format="png", object_fit="contain")
+            files = gr.File(label="Downloads: PNGs with the recipe, .npz, trajectory animation and arrays",
+                            file_count="multiple", elem_id="sample-files", height=160)
+            command = gr.Code(label="Reproduce on the command line", language="shell", elem_id="reproduce",
+                              interactive=False, lines=2, max_lines=6, wrap_lines=True)
+    gr.Examples(_sampling_examples(ctx, model0, classifiers),
+                inputs=[form.components[name] for name in ("model", "class_label", "sampler", "respacing",
+                                                           "classifier", "classifier_scale", "cfg_scale",
+                                                           "guidance_method")],
+                label="Examples", cache_examples=False)
+
+    sampler_h = Sampler(ctx)
+    run_fn, inputs = form.event(sampler_h.run, Sampler.INPUTS, {"preview_every": preview_every, "session": session},
+                                precision=ctx.precision)
+    outputs = [x_t, x0, status, bar, *tele, gallery, files, command, session]
+    event = streaming(run.click, "sample", gpu(300)(run_fn), inputs, outputs, api_name="sample",
+                      show_progress="hidden", **HEAVY)
+    stop.click(sampler_h.stop, [session], None, api_name="stop_sample", queue=False)
+    check = [model, respacing, sampler, karras]
+    respacing.change(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
+                     api_name="validate_respacing", show_progress="hidden", trigger_mode="always_last", **LIGHT)
+    sampler.change(form.sampler_changed, [sampler], form.sampler_outputs(), api_name="sampler_options",
+                   show_progress="hidden", **LIGHT) \
+        .then(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
+              api_name="validate_respacing_sampler", show_progress="hidden", **LIGHT)
+    karras.input(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
+                 api_name="validate_respacing_karras", show_progress="hidden", **LIGHT)
+    model.change(sampler_h.model_options, [model], [class_choice, cfg_scale, classifier],
+                 api_name="model_options", show_progress="hidden", **LIGHT) \
+        .then(sampler_h.check_respacing, check, [respacing_msg, respacing_plot],
+              api_name="validate_respacing_model", show_progress="hidden", **LIGHT)
+    return event, sampler_h, check, (respacing_msg, respacing_plot)
+
+
+def _sampling_examples(ctx: AppContext, model: str, classifiers: list[str]) -> list[list]:
+    info = ctx.info(model)
+    names = class_choices(info)
+    pick = (lambda i: names[min(i, len(names) - 1)])
+    clf = classifiers[0] if classifiers else "none"
+    return [
+        [model, pick(3), "ddim", "50", "none", 0.0, 1.0, "standard"],
+        [model, pick(4), "ddim", "ddim25", "none", 0.0, 3.0, "standard"],
+        [model, pick(7), "euler_a", "30", clf, 2.0 if classifiers else 0.0, 1.0, "conflict"],
+        [model, pick(1), "dpmpp_2m", "20", clf, 0.0, 2.0, "standard"],
+    ]
+
+
+def compare_tab(ctx: AppContext, session: gr.State):
+    models = [n for n in ctx.names("diffusion") if ctx.info(n).num_labels is not None]
+    if not models:
+        gr.Markdown(ctx.missing("diffusion", "class-conditional diffusion model", "scenes32_base.safetensors"))
+        return
+    model0 = _prefer(models, "scenes32_base")
+    info0 = ctx.info(model0)
+    classifiers = [n for n in ctx.names("classifier") if ctx.info(n).image_size == info0.image_size]
+    evaluators = ctx.names("evaluator")
+    if not evaluators:
+        gr.Markdown(ctx.missing("evaluator", "evaluation classifier", "scenes32_evaluator.safetensors")
+                    + " The grid still fills, without per-cell numbers.")
+    form = Form(ctx)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=300):
+            model = form.widget("model", choices=models, value=model0)
             names = class_choices(info0)[1:]
             class_choice = form.widget("class_label", choices=names, value=names[0], label="Requested class")
             form.widget("classifier", choices=["none", *classifiers], value=classifiers[0] if classifiers else "none")
