@@ -94,7 +94,7 @@ def sampling_tab(ctx: AppContext, session: gr.State):
                                     min_width=200, show_label=False)
                         for title in ("noise level sqrt(1 - ᾱ)", "RMS of x_t",
                                                                     "classifier p(class | x_t)",
-                                                                    "guidance strength")]
+                                                                    "guidance / denoising change of x")]
             gallery = gr.Gallery(label="Samples", columns=6, fit_columns=False, elem_id="sample-gallery",
                                  elem_classes=["pixelated"],
                                  format="png", object_fit="contain")

@@ -44,6 +44,7 @@ class Prediction:
     eps: Tensor  # predicted noise, float32 [B, C, H, W]
     var_values: Tensor | None = None  # learned-range interpolation in [-1, 1], None for fixed variance
     grad: Tensor | None = None  # classifier guidance: scale * d/dx log p(y | x_t), or None
+    cfg_eps: Tensor | None = None  # what classifier-free guidance added to eps (guided - conditional), or None
     conflict_projection: bool = False  # combine grad with the denoising term by PixelAsParam projection
     stats: dict[str, Tensor] = field(default_factory=dict)  # per-sample telemetry
 

@@ -57,7 +57,7 @@ class ClassifierFreeGuidance:
         if self.rescale:
             eps = rescaled(eps, cond_pred.eps, self.rescale)
         stats = {**cond_pred.stats, "cfg_delta_norm": delta.flatten(1).norm(dim=1)}
-        return replace(cond_pred, eps=eps, stats=stats)
+        return replace(cond_pred, eps=eps, stats=stats, cfg_eps=eps - cond_pred.eps)
 
 
 def rescaled(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
@@ -91,7 +91,7 @@ def _half(pred: Prediction, i: int) -> Prediction:
     def half(v):
         return None if v is None else v.chunk(2)[i]
     return replace(pred, eps=half(pred.eps), var_values=half(pred.var_values), grad=half(pred.grad),
-                   stats={k: half(v) for k, v in pred.stats.items()})
+                   cfg_eps=half(pred.cfg_eps), stats={k: half(v) for k, v in pred.stats.items()})
 
 
 class ClassifierGuidance:

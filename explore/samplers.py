@@ -37,7 +37,9 @@ class Step:
     x: Tensor  # the sample after this step (x_{t-1}; the final image at the last step)
     pred_x0: Tensor  # predicted clean image at this step
     eps: Tensor  # predicted noise used by the update (after guidance)
-    guidance: Tensor | None = None  # how much the guidance changed x in this step
+    guidance: Tensor | None = None  # how much classifier guidance changed x in this step
+    cfg_guidance: Tensor | None = None  # how much classifier-free guidance changed x (first order), same units
+    drift: Tensor | None = None  # the whole deterministic change of x in this step (no fresh noise), same units
     stats: dict[str, Tensor] = field(default_factory=dict)  # per-sample telemetry
 
 
@@ -118,8 +120,11 @@ def sample_ddpm(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: 
         if pred.grad is not None:
             shifted = x + combine(mean - x, torch.exp(log_var) * pred.grad, pred.conflict_projection)
             guide, mean = shifted - mean, shifted
+        cfg = _scaled(pred.cfg_eps, -_f32(sched.posterior_mean_coef1[k]) * _f32(sched.sqrt_recipm1_alphas_cumprod[k]))
+        drift = mean - x
         x = mean + torch.exp(0.5 * log_var) * z if k > 0 else mean
-        yield Step(s, total, float(sched.timesteps[k]), float(grid.sigmas[s]), x, x0, pred.eps, guide, pred.stats)
+        yield Step(s, total, float(sched.timesteps[k]), float(grid.sigmas[s]), x, x0, pred.eps, guide, cfg, drift,
+                   pred.stats)
 
 
 @facts(karras=False)
@@ -137,10 +142,11 @@ def sample_ddim(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: 
         z = noise.step(s)  # drawn every step, as the original does
         eps_coef = math.sqrt(1 - abar_prev - sigma ** 2)
         x_prev = x0 * math.sqrt(abar_prev) + eps_coef * eps
-        if guide is not None:  # x0 moved by -sqrt(1/abar - 1) * guide
-            guide = (eps_coef - math.sqrt(abar_prev) * math.sqrt(1 / abar - 1)) * guide
+        per_eps = eps_coef - math.sqrt(abar_prev) * math.sqrt(1 / abar - 1)  # x0 moves by -sqrt(1/abar - 1) eps
+        guide, cfg, drift = _scaled(guide, per_eps), _scaled(pred.cfg_eps, per_eps), x_prev - x
         x = x_prev + sigma * z if k > 0 else x_prev
-        yield Step(s, total, float(sched.timesteps[k]), float(grid.sigmas[s]), x, x0, eps, guide, pred.stats)
+        yield Step(s, total, float(sched.timesteps[k]), float(grid.sigmas[s]), x, x0, eps, guide, cfg, drift,
+                   pred.stats)
 
 
 class _VEModel:
@@ -154,12 +160,27 @@ class _VEModel:
         return _denoise(self.denoiser, x * math.sqrt(abar), _stack_t(t, x), self.cond, abar, self.clip)
 
 
-def _ve_step(s: int, total: int, t: float, sigma: float, sigma_next: float, x_next: Tensor,
-             x0: Tensor, eps: Tensor, guide_eps: Tensor | None, pred: Prediction) -> Step:
-    """Report a VE sampler step in VP space; the guidance term as its share of the Euler update."""
-    scale = 1.0 / math.sqrt(1.0 + sigma_next * sigma_next)
-    guide = None if guide_eps is None else (sigma_next - sigma) * scale * guide_eps
-    return Step(s, total, float(t), float(sigma), x_next * scale, x0, eps, guide, pred.stats)
+def _average(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """The mean of two evaluations' guidance terms; a missing one (outside a guidance interval) counts as zero."""
+    if a is None and b is None:
+        return None
+    return ((0 if a is None else a) + (0 if b is None else b)) / 2
+
+
+def _scaled(term: Tensor | None, factor: float) -> Tensor | None:
+    return None if term is None else factor * term
+
+
+def _ve_step(s: int, total: int, t: float, sigma: float, sigma_next: float, x: Tensor, x_moved: Tensor,
+             x_next: Tensor, x0: Tensor, eps: Tensor, guide_eps: Tensor | None, pred: Prediction,
+             cfg_eps: Tensor | None = None, per_eps: float | None = None) -> Step:
+    """Report a VE sampler step in VP space. x -> x_moved is the step without fresh noise (its drift); guidance
+    terms move x_moved by per_eps times their change of eps (default: the Euler step's sigma_next - sigma)."""
+    scale, scale_before = 1.0 / math.sqrt(1.0 + sigma_next * sigma_next), 1.0 / math.sqrt(1.0 + sigma * sigma)
+    per_eps = (sigma_next - sigma if per_eps is None else per_eps) * scale
+    return Step(s, total, float(t), float(sigma), x_next * scale, x0, eps, _scaled(guide_eps, per_eps),
+                _scaled(pred.cfg_eps if cfg_eps is None else cfg_eps, per_eps), x_moved * scale - x * scale_before,
+                pred.stats)
 
 
 @facts(karras=True, draws_noise=lambda options: False)
@@ -170,8 +191,9 @@ def sample_euler(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise:
     x, total = x_T * math.sqrt(1.0 + sigmas[grid.start] ** 2), len(grid)
     for s in range(grid.start, total):
         x0, eps, pred, guide = model(x, sigmas[s], times[s])
-        x = x + (sigmas[s + 1] - sigmas[s]) * eps  # d = (x - x0) / sigma = eps
-        yield _ve_step(s, total, times[s], sigmas[s], sigmas[s + 1], x, x0, eps, guide, pred)
+        x_next = x + (sigmas[s + 1] - sigmas[s]) * eps  # d = (x - x0) / sigma = eps
+        yield _ve_step(s, total, times[s], sigmas[s], sigmas[s + 1], x, x_next, x_next, x0, eps, guide, pred)
+        x = x_next
 
 
 @facts(karras=True)
@@ -186,10 +208,11 @@ def sample_euler_ancestral(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Co
         sigma_up = min(sigma_next, eta * math.sqrt(max(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2, 0.0)))
         sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)
         z = noise.step(s)
-        x = x + (sigma_down - sigma) * eps
-        if sigma_next > 0:
-            x = x + sigma_up * z
-        yield _ve_step(s, total, times[s], sigma, sigma_next, x, x0, eps, guide, pred)
+        x_moved = x + (sigma_down - sigma) * eps
+        x_next = x_moved + sigma_up * z if sigma_next > 0 else x_moved
+        yield _ve_step(s, total, times[s], sigma, sigma_next, x, x_moved, x_next, x0, eps, guide, pred,
+                       per_eps=sigma_down - sigma)
+        x = x_next
 
 
 @facts(karras=True, draws_noise=lambda options: options.get("churn", 0.0) > 0)
@@ -218,14 +241,14 @@ def sample_heun(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: 
         x0, d_cur, pred, guide = model(x, sigma_hat, t_hat)
         x_next = x + (sigma_next - sigma_hat) * d_cur
         # 2nd order correction.
+        cfg_eps = pred.cfg_eps
         if sigma_next > 0:
-            x0_prime, _, _, guide_prime = model(x_next, sigma_next, times[s + 1])
+            x0_prime, _, pred_prime, guide_prime = model(x_next, sigma_next, times[s + 1])
             ratio = sigma_next / sigma_hat
             x_next = ratio * x + (1 - ratio) * (x0 + x0_prime) / 2
-            if guide is not None:
-                guide = (guide + guide_prime) / 2
+            guide, cfg_eps = _average(guide, guide_prime), _average(cfg_eps, pred_prime.cfg_eps)
+        yield _ve_step(s, total, t_hat, sigma_hat, sigma_next, x, x_next, x_next, x0, d_cur, guide, pred, cfg_eps)
         x = x_next
-        yield _ve_step(s, total, t_hat, sigma_hat, sigma_next, x, x0, d_cur, guide, pred)
 
 
 @facts(karras=True, draws_noise=lambda options: False)
@@ -239,16 +262,20 @@ def sample_dpmpp_2m(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noi
         sigma, sigma_next = sigmas[s], sigmas[s + 1]
         x0, eps, pred, guide = model(x, sigma, times[s])
         if sigma_next == 0:
-            x = x0
+            x_next = x0
         else:
             h = math.log(sigma) - math.log(sigma_next)
-            x0_blend = x0
+            x0_blend, weight = x0, 1.0  # weight: of this step's x0 in the blend
             if old_x0 is not None:
                 r = (math.log(sigmas[s - 1]) - math.log(sigma)) / h
-                x0_blend = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
-            x = (sigma_next / sigma) * x - math.expm1(-h) * x0_blend
+                weight = 1 + 1 / (2 * r)
+                x0_blend = weight * x0 - (1 / (2 * r)) * old_x0
+            x_next = (sigma_next / sigma) * x - math.expm1(-h) * x0_blend
         old_x0 = x0
-        yield _ve_step(s, total, times[s], sigma, sigma_next, x, x0, eps, guide, pred)
+        per_eps = -sigma if sigma_next == 0 else (sigma_next - sigma) * weight  # x0 = x - sigma eps
+        yield _ve_step(s, total, times[s], sigma, sigma_next, x, x_next, x_next, x0, eps, guide, pred,
+                       per_eps=per_eps)
+        x = x_next
 
 
 def _no_karras(grid: Grid, name: str) -> None:

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
+import torch
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -72,10 +73,12 @@ def model_changed(ctx: AppContext, model: str):
 # --- the run --------------------------------------------------------------------------------------
 
 class Telemetry:
-    """Per-step numbers kept as device tensors in the loop (no host sync); turned into tables at previews."""
+    """Per-step numbers kept as device tensors in the loop (no host sync); turned into tables at previews.
 
-    SOURCES = {"p_class": ("log_prob", "image"), "classifier": ("guidance_grad_norm", "classifier"),
-               "cfg": ("cfg_delta_norm", "CFG |Δε|")}
+    The guidance plot shows, per step, how large each guidance term's change of x is against the denoising
+    change (the step's drift without the guidance terms): its mean over the batch, one line per method."""
+
+    GUIDANCE = {"classifier": "classifier guidance", "cfg": "classifier-free guidance"}
 
     REFRESH_S = 0.5  # the plots are redrawn at most this often (and at the end): each redraw ships every row
 
@@ -88,19 +91,26 @@ class Telemetry:
 
     def add(self, step: Step) -> None:
         values = {"rms": step.x.detach().flatten(1).float().pow(2).mean(1).sqrt()}
-        for name, (key, _) in self.SOURCES.items():
-            if key in step.stats:
-                values[name] = step.stats[key].detach().float()
+        if "log_prob" in step.stats:
+            values["p_class"] = step.stats["log_prob"].detach().float().exp()
+        terms = {"classifier": step.guidance, "cfg": step.cfg_guidance}
+        if step.drift is not None and any(term is not None for term in terms.values()):
+            denoising = step.drift - sum(term for term in terms.values() if term is not None)
+            scale = denoising.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+            for name, term in terms.items():
+                if term is not None:
+                    values[name] = (term.flatten(1).norm(dim=1) / scale).mean(0, keepdim=True)
         self.pending.append((step.index + 1, step.sigma, values))
 
     def _flush(self) -> None:
         for s, sigma, values in self.pending:
             self.rows["noise"].append((s, sigma / (1.0 + sigma ** 2) ** 0.5, "sqrt(1 - ᾱ)"))
             for name, tensor in values.items():
-                numbers = (tensor.exp() if name == "p_class" else tensor).tolist()
-                table = "guidance" if name in ("classifier", "cfg") else name
-                label = self.SOURCES[name][1] if name in self.SOURCES else "image"
-                self.rows[table].extend((s, v, f"{label} {i}") for i, v in enumerate(numbers))
+                numbers = tensor.tolist()
+                if name in self.GUIDANCE:
+                    self.rows["guidance"].append((s, numbers[0], self.GUIDANCE[name]))
+                else:
+                    self.rows[name].extend((s, v, f"image {i}") for i, v in enumerate(numbers))
         self.pending.clear()
 
     def frames(self, final: bool = True) -> list[pd.DataFrame]:
