@@ -63,7 +63,8 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 class ADMDenoiser:
     """Adapter for ADM-style UNets (official checkpoints and the built-in family).
 
-    The network returns eps (3 channels) or eps + learned-range values (6 channels). Given `v_schedule` (the
+    The network returns eps (3 channels) or eps + learned-range values (6 channels); `fixed_small` (a model
+    trained with sigma_small) reports the range's low end, the posterior variance (FIXED_SMALL). Given `v_schedule` (the
     full training schedule), it returns v instead, turned into eps = sqrt(abar) v + sqrt(1 - abar) x_t. With
     `low_res_skip` (super-resolution) that v is the residual's: x0 = bicubic(low_res) + the network's x0, so at
     high noise a network that outputs zero already predicts the bicubic upsampling (a skip connection in the
@@ -73,8 +74,9 @@ class ADMDenoiser:
 
     def __init__(self, module: torch.nn.Module, learn_sigma: bool, class_cond: bool = True,
                  precision: torch.dtype | None = None, channels_last: bool = False,
-                 v_schedule: Schedule | None = None, low_res_skip: bool = False):
+                 v_schedule: Schedule | None = None, low_res_skip: bool = False, fixed_small: bool = False):
         self.module = module
+        self.fixed_small = fixed_small and not learn_sigma  # the posterior variance: var_values -1 everywhere
         self.learn_sigma, self.class_cond = learn_sigma, class_cond
         self.precision = precision
         self.channels_last = channels_last
@@ -99,6 +101,8 @@ class ADMDenoiser:
         if self.learn_sigma:
             out, var_values = out.split(x.shape[1], dim=1)
             var_values = var_values.contiguous()
+        elif self.fixed_small:
+            var_values = torch.full_like(x, -1.0)
         if self.v_schedule is not None:
             if self._log_sigmas is None or self._log_sigmas.device != t.device:
                 self._log_sigmas = log_sigma_table(self.v_schedule).to(t.device)

@@ -182,7 +182,7 @@ class _Networks:
         v_schedule = Schedule.named(diffusion.noise_schedule, diffusion.steps) if diffusion.predict_v else None
         return ADMDenoiser(network, diffusion.learn_sigma, class_cond=loaded.num_labels is not None,
                            precision=precision, channels_last=channels_last, v_schedule=v_schedule,
-                           low_res_skip=diffusion.low_res_skip)
+                           low_res_skip=diffusion.low_res_skip, fixed_small=diffusion.sigma_small)
 
     def classifier(self, loaded) -> tuple[torch.nn.Module, torch.dtype | None]:
         network, precision, _ = self._placed(loaded, self.eval_batch(False))

@@ -54,7 +54,8 @@ def upsampler_config(num_classes: int, large_size: int = 128) -> UNetConfig:
                       super_res=True)
 
 
-DIFFUSION = DiffusionConfig(steps=1000, noise_schedule="cosine", learn_sigma=False, timestep_respacing="100")
+DIFFUSION = DiffusionConfig(steps=1000, noise_schedule="cosine", learn_sigma=False, sigma_small=True,
+                            timestep_respacing="100")
 UPSAMPLER_DIFFUSION = DiffusionConfig(steps=1000, noise_schedule="linear", learn_sigma=False,
                                       timestep_respacing="50")
 

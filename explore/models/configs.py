@@ -118,6 +118,7 @@ class DiffusionConfig(_JSONConfig):
     steps: int = 1000  # training timesteps T (flag diffusion_steps)
     noise_schedule: str = "linear"  # 'linear' or 'cosine' beta schedule
     learn_sigma: bool = False  # model outputs v for a learned-range variance (6 channels)
+    sigma_small: bool = False  # without learn_sigma: the posterior variance (FIXED_SMALL), else beta (FIXED_LARGE)
     predict_xstart: bool = False  # model predicts x0 instead of epsilon
     predict_v: bool = False  # model predicts v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022); built-in only
     low_res_skip: bool = False  # super-res, v only: x0 = bicubic(low_res) + the network's x0 (built-in only)
