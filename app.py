@@ -68,6 +68,7 @@ def sampling_tab(ctx: AppContext, session: gr.State):
                 form.widget("classifier_scale")
                 cfg_scale = form.widget("cfg_scale", interactive=info0.null_class is not None)
                 form.widget("cfg_rescale")
+                form.widget("dynamic_threshold", elem_id="sample-dynamic-threshold")
                 form.widget("guidance_interval", elem_id="sample-guidance-interval")
                 form.widget("guidance_method")
             with gr.Row():
@@ -186,6 +187,7 @@ def compare_tab(ctx: AppContext, session: gr.State):
                 form.widget("cfg_scale", value=0.0)
                 form.widget("guidance_method")
                 form.widget("cfg_rescale")
+                form.widget("dynamic_threshold")
                 form.widget("guidance_interval")
             evaluator = Dropdown(["none", *evaluators], value=evaluators[0] if evaluators else "none",
                                  label="Evaluation classifier (never used for guidance)")

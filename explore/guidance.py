@@ -68,6 +68,14 @@ def rescaled(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
     return phi * guided * (std_cond / std_guided.clamp_min(torch.finfo(guided.dtype).tiny)) + (1 - phi) * guided
 
 
+def dynamic_thresholded(x0: Tensor, percentile: float) -> Tensor:
+    """Dynamic thresholding (Saharia et al. 2022): per image, s = the percentile of |x0| (at least 1); x0 clamped
+    to [-s, s] and divided by s, so strong guidance pulls saturated pixels inwards instead of clipping them."""
+    s = torch.quantile(x0.detach().flatten(1).abs().float(), percentile, dim=1).clamp_min(1.0)
+    s = s.to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
 class GuidanceInterval:
     """Guidance only at timesteps low <= t <= high, the unguided denoiser elsewhere (Kynkaanniemi et al. 2024:
     guidance in a limited interval of noise levels improves sample and distribution quality)."""

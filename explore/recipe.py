@@ -276,6 +276,11 @@ class Recipe:
     cfg_rescale: float = option(0.0, Number(0.0, 1.0), "CFG rescale phi (Lin et al. 2024): the guided noise "
                                 "prediction scaled back to the conditional one's spread, against over-saturation",
                                 group="guidance", widget=Widget("slider", "CFG rescale", 0, 1, 0.05))
+    dynamic_threshold: float = option(0.0, Number(0.0, 1.0), "dynamic thresholding (Saharia et al. 2022): each "
+                                      "step's predicted x0 clamped at this percentile of its |x0| and rescaled, "
+                                      "against over-saturation at high guidance scales (0.995 typical); 0: off",
+                                      group="guidance", widget=Widget("number", "Dynamic thresholding percentile",
+                                                                      0, 1, info="0 = off; 0.995 typical"))
     guidance_interval: str = option("", Interval(), "guide only at timesteps low <= t <= high ('200,800'; "
                                     "Kynkaanniemi et al. 2024); empty: every step", group="guidance",
                                     widget=Widget("textbox", "Guidance interval (timesteps)",
@@ -374,6 +379,8 @@ def applies(recipe_type, name: str, values: dict) -> bool:
 
 
 def sampler_option_names(recipe_type=Recipe) -> list[str]:
-    """Recipe fields that some sampler takes as a keyword option (clip_denoised, which all take, excluded)."""
-    takes = {name for sampler in SAMPLERS for name in sampler_defaults(sampler)}
-    return [name for name in options_of(recipe_type) if name in takes and name != "clip_denoised"]
+    """Recipe fields that some samplers take as a keyword option and others do not (clip_denoised and
+    dynamic_threshold, which all take, are options of every run)."""
+    takes = [set(sampler_defaults(sampler)) for sampler in SAMPLERS]
+    some, every = set.union(*takes), set.intersection(*takes)
+    return [name for name in options_of(recipe_type) if name in some - every]

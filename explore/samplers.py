@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from explore.denoisers import Cond, Denoiser, Prediction
-from explore.guidance import combine
+from explore.guidance import combine, dynamic_thresholded
 from explore.noise import NoiseSource
 from explore.schedules import Grid
 
@@ -67,11 +67,12 @@ def _f32(value) -> float:
 
 
 def _denoise(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Cond, abar: float,
-             clip: bool) -> tuple[Tensor, Tensor, Prediction, Tensor | None]:
+             clip: bool, threshold: float = 0.0) -> tuple[Tensor, Tensor, Prediction, Tensor | None]:
     """pred_x0 and eps at noise level abar, with classifier guidance in score form.
 
     As guided-diffusion's DDIM: x0 from eps (clamped), eps re-derived from that x0;
     guidance: eps <- eps - sqrt(1 - abar) grad, x0 recomputed (no second clamp).
+    With `threshold` the final x0 is dynamically thresholded (and eps re-derived).
     Also returns the guidance's change of eps (or None).
     """
     recip, recipm1 = _f32(math.sqrt(1.0 / abar)), _f32(math.sqrt(1.0 / abar - 1.0))
@@ -87,12 +88,15 @@ def _denoise(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Cond, abar: float,
         guided = -sqrt_1m_abar * combine(-eps / sqrt_1m_abar, pred.grad, pred.conflict_projection)
         guide, eps = guided - eps, guided
         x0 = recip * x - recipm1 * eps
+    if threshold:
+        x0 = dynamic_thresholded(x0, threshold)
+        eps = (recip * x - x0) / recipm1
     return x0, eps, pred, guide
 
 
 @facts(karras=False)
 def sample_ddpm(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: NoiseSource, *,
-                clip_denoised: bool = True) -> Iterator[Step]:
+                clip_denoised: bool = True, dynamic_threshold: float = 0.0) -> Iterator[Step]:
     """Ancestral sampling (Ho et al. 2020) with learned-range or fixed-large variance (Nichol & Dhariwal 2021).
 
     Classifier guidance shifts the mean by variance * grad (Dhariwal & Nichol 2021, Alg. 1).
@@ -105,7 +109,9 @@ def sample_ddpm(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: 
         pred = denoiser(x, t, cond)
         # 1. predicted x0 and the posterior mean of q(x_{t-1} | x_t, x0)
         x0 = _f32(sched.sqrt_recip_alphas_cumprod[k]) * x - _f32(sched.sqrt_recipm1_alphas_cumprod[k]) * pred.eps
-        if clip_denoised:
+        if dynamic_threshold:
+            x0 = dynamic_thresholded(x0, dynamic_threshold)
+        elif clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean = _f32(sched.posterior_mean_coef1[k]) * x0 + _f32(sched.posterior_mean_coef2[k]) * x
         # 2. variance: interpolate log(beta) and the clipped posterior log-variance, or fixed large
@@ -129,14 +135,15 @@ def sample_ddpm(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: 
 
 @facts(karras=False)
 def sample_ddim(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: NoiseSource, *,
-                eta: float = 0.0, clip_denoised: bool = True) -> Iterator[Step]:
+                eta: float = 0.0, clip_denoised: bool = True, dynamic_threshold: float = 0.0) -> Iterator[Step]:
     """DDIM (Song et al. 2021, eq. 12); eta = 1 gives ancestral-like noise. Guidance in score form."""
     _no_karras(grid, "ddim")
     sched, x, total = grid.schedule, x_T, len(grid)
     for s in range(grid.start, total):
         k = total - 1 - s
         t = _stack_t(sched.timesteps[k], x)
-        x0, eps, pred, guide = _denoise(denoiser, x, t, cond, sched.alphas_cumprod[k], clip_denoised)
+        x0, eps, pred, guide = _denoise(denoiser, x, t, cond, sched.alphas_cumprod[k], clip_denoised,
+                                      dynamic_threshold)
         abar, abar_prev = _f32(sched.alphas_cumprod[k]), _f32(sched.alphas_cumprod_prev[k])
         sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar)) * math.sqrt(1 - abar / abar_prev)
         z = noise.step(s)  # drawn every step, as the original does
@@ -152,12 +159,13 @@ def sample_ddim(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: 
 class _VEModel:
     """The denoiser seen from variance-exploding space: D(x, sigma) -> (x0, eps, pred, guide)."""
 
-    def __init__(self, denoiser: Denoiser, cond: Cond, clip: bool):
-        self.denoiser, self.cond, self.clip = denoiser, cond, clip
+    def __init__(self, denoiser: Denoiser, cond: Cond, clip: bool, threshold: float = 0.0):
+        self.denoiser, self.cond, self.clip, self.threshold = denoiser, cond, clip, threshold
 
     def __call__(self, x: Tensor, sigma: float, t: float):
         abar = 1.0 / (1.0 + sigma * sigma)
-        return _denoise(self.denoiser, x * math.sqrt(abar), _stack_t(t, x), self.cond, abar, self.clip)
+        return _denoise(self.denoiser, x * math.sqrt(abar), _stack_t(t, x), self.cond, abar, self.clip,
+                        self.threshold)
 
 
 def _average(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -185,9 +193,9 @@ def _ve_step(s: int, total: int, t: float, sigma: float, sigma_next: float, x: T
 
 @facts(karras=True, draws_noise=lambda options: False)
 def sample_euler(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: NoiseSource, *,
-                 clip_denoised: bool = True) -> Iterator[Step]:
+                 clip_denoised: bool = True, dynamic_threshold: float = 0.0) -> Iterator[Step]:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 with Euler steps)."""
-    model, sigmas, times = _VEModel(denoiser, cond, clip_denoised), grid.sigmas, grid.times
+    model, sigmas, times = _VEModel(denoiser, cond, clip_denoised, dynamic_threshold), grid.sigmas, grid.times
     x, total = x_T * math.sqrt(1.0 + sigmas[grid.start] ** 2), len(grid)
     for s in range(grid.start, total):
         x0, eps, pred, guide = model(x, sigmas[s], times[s])
@@ -198,9 +206,10 @@ def sample_euler(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise:
 
 @facts(karras=True)
 def sample_euler_ancestral(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: NoiseSource, *,
-                           eta: float = 1.0, clip_denoised: bool = True) -> Iterator[Step]:
+                           eta: float = 1.0, clip_denoised: bool = True,
+                           dynamic_threshold: float = 0.0) -> Iterator[Step]:
     """Euler step down to sigma_down, then fresh noise up to sigma_next (k-diffusion's ancestral Euler)."""
-    model, sigmas, times = _VEModel(denoiser, cond, clip_denoised), grid.sigmas, grid.times
+    model, sigmas, times = _VEModel(denoiser, cond, clip_denoised, dynamic_threshold), grid.sigmas, grid.times
     x, total = x_T * math.sqrt(1.0 + sigmas[grid.start] ** 2), len(grid)
     for s in range(grid.start, total):
         x0, eps, pred, guide = model(x, sigmas[s], times[s])
@@ -218,7 +227,7 @@ def sample_euler_ancestral(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Co
 @facts(karras=True, draws_noise=lambda options: options.get("churn", 0.0) > 0)
 def sample_heun(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: NoiseSource, *,
                 churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
-                clip_denoised: bool = True) -> Iterator[Step]:
+                clip_denoised: bool = True, dynamic_threshold: float = 0.0) -> Iterator[Step]:
     """Heun's 2nd-order method with stochastic churn (Karras et al. 2022, Alg. 2), its trapezoid taken in 1/sigma.
 
     On y = x / sigma the ODE reads dy/d(1/sigma) = x0(x, sigma): the corrected step averages the two x0
@@ -226,7 +235,7 @@ def sample_heun(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: 
     trapezoid in sigma averages eps instead and multiplies their difference by the step: on the cosine
     schedule's first step (sigma 2e4 -> 15) that turns a small change of eps into coloured noise.
     """
-    model, sigmas, times = _VEModel(denoiser, cond, clip_denoised), grid.sigmas, grid.times
+    model, sigmas, times = _VEModel(denoiser, cond, clip_denoised, dynamic_threshold), grid.sigmas, grid.times
     x, total = x_T * math.sqrt(1.0 + sigmas[grid.start] ** 2), len(grid)
     for s in range(grid.start, total):
         sigma, sigma_next = sigmas[s], sigmas[s + 1]
@@ -253,9 +262,9 @@ def sample_heun(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: 
 
 @facts(karras=True, draws_noise=lambda options: False)
 def sample_dpmpp_2m(denoiser: Denoiser, x_T: Tensor, grid: Grid, cond: Cond, noise: NoiseSource, *,
-                    clip_denoised: bool = True) -> Iterator[Step]:
+                    clip_denoised: bool = True, dynamic_threshold: float = 0.0) -> Iterator[Step]:
     """DPM-Solver++(2M), multistep 2nd order in log-sigma time (Lu et al. 2022, Alg. 2)."""
-    model, sigmas, times = _VEModel(denoiser, cond, clip_denoised), grid.sigmas, grid.times
+    model, sigmas, times = _VEModel(denoiser, cond, clip_denoised, dynamic_threshold), grid.sigmas, grid.times
     x, total = x_T * math.sqrt(1.0 + sigmas[grid.start] ** 2), len(grid)
     old_x0 = None
     for s in range(grid.start, total):

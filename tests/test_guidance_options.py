@@ -1,11 +1,12 @@
-"""Guidance over an interval of timesteps and CFG rescale: equivalences with the plain runs they reduce to."""
+"""Guidance over an interval of timesteps, CFG rescale and dynamic thresholding: equivalences with the plain runs
+they reduce to, and closed forms."""
 from dataclasses import replace
 
 import pytest
 import torch
 
 from explore.engine import Recipe, RecipeError, iterate, run
-from explore.guidance import rescaled
+from explore.guidance import dynamic_thresholded, rescaled
 
 import tiny_models
 
@@ -67,3 +68,23 @@ def test_cfg_rescale_zero_is_plain_cfg_and_one_matches_the_conditional_spread(re
     torch.testing.assert_close(full.flatten(1).std(1), cond.flatten(1).std(1))
     torch.testing.assert_close(rescaled(guided, cond, 0.25), 0.25 * full + 0.75 * guided)
     assert torch.equal(rescaled(guided, cond, 0.0), guided)
+
+
+def test_dynamic_thresholding_clamps_at_the_percentile_and_rescales():
+    x = torch.stack([torch.linspace(-4.0, 4.0, 3 * 8 * 8).view(3, 8, 8), torch.linspace(-0.5, 0.5, 3 * 8 * 8).view(3, 8, 8)])
+    out = dynamic_thresholded(x, 0.9)
+    s = torch.quantile(x[0].abs().flatten(), 0.9)  # 3.6: the first image is clamped there and divided by it
+    torch.testing.assert_close(out[0], x[0].clamp(-s, s) / s, atol=0, rtol=0)
+    assert out[0].abs().max() == 1.0 and (out[0].abs() == 1.0).float().mean() >= 0.09
+    assert torch.equal(out[1], x[1])  # the threshold is at least 1: an image inside [-1, 1] is left alone
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m"])
+def test_dynamic_thresholding_keeps_guided_predictions_inside_the_image_range(registry, sampler):
+    recipe = Recipe(**BASE, sampler=sampler, cfg_scale=8.0, classifier="tiny_classifier", classifier_scale=50.0,
+                    clip_denoised=False)
+    wild = max(float(s.pred_x0.abs().max()) for s in iterate(recipe, registry))
+    guarded = list(iterate(replace(recipe, dynamic_threshold=0.99), registry))
+    assert wild > 1.0
+    assert all(float(s.pred_x0.abs().max()) <= 1.0 + 1e-6 for s in guarded)
+    assert torch.equal(run(replace(recipe, dynamic_threshold=0.0), registry).x, run(recipe, registry).x)

@@ -60,7 +60,8 @@ def test_the_new_option_reaches_the_command_line_help_and_the_reproduce_command(
 
 
 def test_the_new_option_is_passed_to_the_sampler_that_takes_it(registry):
-    assert WithSNoise(**HEUN, s_noise=0.5).sampler_options() == {"churn": 40.0, "s_noise": 0.5, "clip_denoised": True}
+    assert WithSNoise(**HEUN, s_noise=0.5).sampler_options() == {"churn": 40.0, "s_noise": 0.5, "clip_denoised": True,
+                                                                 "dynamic_threshold": 0.0}
     assert "s_noise" not in replace(WithSNoise(**HEUN), sampler="euler_a").sampler_options()
     plain = run(Recipe(**HEUN), registry).x
     assert torch.equal(run(WithSNoise(**HEUN), registry).x, plain)  # its default is the sampler's own

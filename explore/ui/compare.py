@@ -37,7 +37,7 @@ class Axis:
 
     @property
     def numeric(self) -> bool:
-        return self.field in ("classifier_scale", "cfg_scale", "cfg_rescale", "seed")
+        return self.field in ("classifier_scale", "cfg_scale", "cfg_rescale", "dynamic_threshold", "seed")
 
 
 _LIST = r"[;\s]+"  # for values that hold commas themselves
@@ -51,6 +51,7 @@ AXES = {axis.label: axis for axis in [
     Axis("guidance method", "guidance_method", "", "standard, conflict"),
     Axis("guidance interval", "guidance_interval", "t in", "all; 0,600; 600,999", _LIST),
     Axis("CFG rescale", "cfg_rescale", "rescale", "0, 0.7"),
+    Axis("dynamic threshold", "dynamic_threshold", "threshold", "0, 0.995"),
 ]}
 DEFAULT_AXES = ("classifier scale", "CFG scale")
 
@@ -129,7 +130,7 @@ class Comparison:
     # the API's parameters in order: recipe fields (batch_size = images per cell) and the sweep's own
     INPUTS = ("model", "class_label", "sampler", "respacing", "classifier", "row_values", "column_values",
               "guidance_method", "seed", "batch_size", "evaluator", "session", "row_axis", "column_axis",
-              "classifier_scale", "cfg_scale", "cfg_rescale", "guidance_interval")
+              "classifier_scale", "cfg_scale", "cfg_rescale", "guidance_interval", "dynamic_threshold")
 
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
