@@ -181,6 +181,7 @@ class Comparison:
 
         session.start("compare")
         sweep = Sweep(row_axis, col_axis, rows, cols, info, per_cell, info.image_size)
+        session.sweep = {f"{sweep.row_names[i]}, {sweep.col_names[j]}": recipe for (i, j), recipe in recipes.items()}
         note = "" if evaluator else " (no evaluator: numbers unavailable)"
         total_steps = sum(len(p.grid) for p in plans.values())
         yield self._view(sweep, f"Computing {len(plans)} cells{note}…", session)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("sample", "compare", "upsample")
+TASKS = ("sample", "compare", "upsample", "pair")
 
 
 @dataclass
@@ -14,6 +14,7 @@ class Session:
     stop: dict[str, bool] = field(default_factory=lambda: {task: False for task in TASKS})
     trajectory: Any = None  # explore.ui.trajectory.Trajectory of the last finished (or stopped) run
     lab: dict[str, dict[str, float]] = field(default_factory=dict)  # sharpness numbers per lab panel
+    sweep: dict[str, Any] = field(default_factory=dict)  # "row name, column name" -> Recipe of the last comparison
 
     def start(self, task: str) -> None:
         self.stop[task] = False
