@@ -31,6 +31,7 @@ from explore.engine import Recipe, plan
 from explore.machine import describe
 from explore.outputs import from_uint8, image_grid, to_uint8
 from explore.registry import ModelRegistry
+from explore.samplers import SAMPLERS
 from explore.schedules import space_timesteps
 
 BASE, CLASSIFIER = "scenes32_base", "scenes32_classifier"
@@ -55,7 +56,10 @@ class EvalSettings:
     sampler: str = "ddim"  # base-model sampler
     respacing: str = "50"  # base-model timestep respacing
     cfg_scales: tuple[float, ...] = (0.0, 1.0, 3.0, 5.0)  # eps_u + s (eps_c - eps_u)
-    classifier_scales: tuple[float, ...] = (0.0, 1.0, 3.0, 5.0)  # on the conditional model (CFG 1)
+    classifier_scales: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0)  # from the unconditional model (CFG 0)
+    samplers: tuple[str, ...] = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m")  # classifier guidance each
+    sampler_samples: int = 48  # images per (sampler, scale) setting
+    guard: float = 0.995  # dynamic-thresholding percentile of the guarded row at the largest classifier scale
     seed: int = 0  # image i of every setting starts from seed + i
     real_seed: int = 10_000  # held-out scenes (training draws default_rng([0, step]))
     k: int = 3  # neighbourhood size of precision / recall
@@ -68,7 +72,10 @@ class EvalSettings:
     quick: bool = False  # smoke-test sizes; the numbers mean little
 
 
-QUICK = dict(samples=16, batch=16, respacing="10", sr_samples=4, sr_batch=4, sr_respacing="5", quick=True)
+QUICK = dict(samples=16, batch=16, respacing="10", sampler_samples=8, sr_samples=4, sr_batch=4, sr_respacing="5",
+             quick=True)
+SATURATION_BAR = 0.05  # classifier guidance: saturated-pixel fraction at most this much above the unguided run's
+STEADY = 2  # "rises steadily": no scale's accuracy below the previous one's by more than this many images' share
 
 
 # --- sampling and features ------------------------------------------------------------------------
@@ -84,13 +91,15 @@ def real_renders(seed: int, labels: torch.Tensor, size: int = 32) -> np.ndarray:
 
 
 def sample_base(registry: ModelRegistry, settings: EvalSettings, labels: torch.Tensor, cfg_scale: float,
-                classifier_scale: float, bar: tqdm | None = None) -> np.ndarray:
+                classifier_scale: float, bar: tqdm | None = None, sampler: str | None = None,
+                dynamic_threshold: float = 0.0) -> np.ndarray:
     """uint8 NHWC samples of the base model; image i has label labels[i] and seed settings.seed + i."""
     out = []
     for start in range(0, len(labels), settings.batch):
         batch = labels[start:start + settings.batch]
-        recipe = Recipe(model=BASE, sampler=settings.sampler, respacing=settings.respacing, cfg_scale=cfg_scale,
-                        classifier=CLASSIFIER if classifier_scale else None, classifier_scale=classifier_scale,
+        recipe = Recipe(model=BASE, sampler=sampler or settings.sampler, respacing=settings.respacing,
+                        cfg_scale=cfg_scale, classifier=CLASSIFIER if classifier_scale else None,
+                        classifier_scale=classifier_scale, dynamic_threshold=dynamic_threshold,
                         seed=settings.seed + start, batch_size=len(batch), precision=settings.precision)
         last = None
         for last in plan(recipe, registry, labels=batch).steps():
@@ -126,6 +135,7 @@ def grade(features: np.ndarray, logits: np.ndarray, images: np.ndarray, labels: 
         "recall": recall,
         "diversity": metrics.diversity(features, labels),
         "pixel_std": metrics.pixel_std(images, labels),
+        "saturated": metrics.saturated_fraction(images),
     }
 
 
@@ -176,10 +186,11 @@ def guidance_sweep(registry: ModelRegistry, settings: EvalSettings, with_classif
                 **grade(*evaluator_outputs(evaluator, held_out, device), held_out, labels_np, real_features,
                         settings.k)}
 
-    # (cfg_scale, classifier_scale) of every setting; classifier guidance runs on the conditional model.
+    # (cfg_scale, classifier_scale) of every setting; classifier guidance runs on the unconditional model, where
+    # it has something to do (the conditional model is right about the class without it).
     wanted = [("cfg", s, s, 0.0) for s in settings.cfg_scales]
     if with_classifier:
-        wanted += [("classifier", s, 1.0, s) for s in settings.classifier_scales]
+        wanted += [("classifier", s, 0.0, s) for s in settings.classifier_scales]
     unique = sorted({(c, g) for _, _, c, g in wanted})
     steps = len(space_timesteps(registry.get(BASE).diffusion.steps, settings.respacing))
     bar = tqdm(total=len(unique) * settings.samples * steps, desc="guidance sweep", unit="img-step",
@@ -204,6 +215,60 @@ def guidance_sweep(registry: ModelRegistry, settings: EvalSettings, with_classif
     return {"real": real_row, "cfg": rows["cfg"], "classifier": rows["classifier"], "steps": steps,
             "grids": grids, "real_grid": held_out[:num_classes],
             "class_names": registry.get(BASE).class_names or list(scenes.CLASS_NAMES[:num_classes])}
+
+
+def sampler_sweep(registry: ModelRegistry, settings: EvalSettings) -> dict:
+    """Classifier guidance from the unconditional model (CFG 0) with every sampler, graded like the main sweep;
+    the largest scale once more with dynamic thresholding (settings.guard)."""
+    device = registry.device
+    evaluator = registry.get(EVALUATOR).module
+    num_classes = registry.get(BASE).num_labels
+    labels = balanced_labels(settings.sampler_samples, num_classes)
+    real = real_renders(settings.real_seed, balanced_labels(settings.samples, num_classes))
+    real_features, _ = evaluator_outputs(evaluator, real, device)
+    settings_list = [(sampler, scale, 0.0) for sampler in settings.samplers for scale in settings.classifier_scales]
+    settings_list += [(sampler, max(settings.classifier_scales), settings.guard) for sampler in settings.samplers]
+    steps = len(space_timesteps(registry.get(BASE).diffusion.steps, settings.respacing))
+    bar = tqdm(total=len(settings_list) * len(labels) * steps, desc="samplers", unit="img-step", dynamic_ncols=True,
+               file=sys.stderr)
+    rows, grids = [], {}
+    for sampler, scale, guard in settings_list:
+        bar.set_postfix(sampler=sampler, classifier=scale, guard=guard)
+        tick = time.time()
+        images = sample_base(registry, settings, labels, 0.0, scale, bar, sampler=sampler, dynamic_threshold=guard)
+        graded = grade(*evaluator_outputs(evaluator, images, device), images, labels.numpy(), real_features,
+                       settings.k)
+        rows.append({"sampler": sampler, "scale": scale, "guard": guard, "samples": len(images),
+                     "seconds": round(time.time() - tick, 1), **graded})
+        grids[sampler, scale, guard] = images[:num_classes]
+    bar.close()
+    return {"rows": rows, "grids": grids, "steps": steps}
+
+
+def sampler_bar(sampler: str, rows: list[dict], samples: int) -> dict:
+    """From the unconditional model: accuracy rises steadily with the classifier scale, diversity falls, and the
+    saturated-pixel fraction stays within SATURATION_BAR of the unguided run's (at the largest scale, with
+    dynamic thresholding where the plain run does not)."""
+    plain = sorted((r for r in rows if r["sampler"] == sampler and not r["guard"]), key=lambda r: r["scale"])
+    guarded = next((r for r in rows if r["sampler"] == sampler and r["guard"]), None)
+    accuracy = [r["accuracy"] for r in plain]
+    steady = all(b >= a - STEADY / samples for a, b in zip(accuracy, accuracy[1:])) and accuracy[-1] > accuracy[0]
+    diversity_falls = plain[-1]["diversity"] < plain[0]["diversity"]
+    limit = plain[0]["saturated"] + SATURATION_BAR
+    plain_ok = all(r["saturated"] <= limit for r in plain)
+    guard_ok = guarded is not None and all(r["saturated"] <= limit for r in plain[:-1]) \
+        and guarded["saturated"] <= limit
+    measured = (f"scale {plain[0]['scale']:g} -> {plain[-1]['scale']:g}: accuracy "
+                + " -> ".join(f"{a:.0%}" for a in accuracy)
+                + f", diversity {plain[0]['diversity']:.3f} -> {plain[-1]['diversity']:.3f}, saturated "
+                + " -> ".join(f"{r['saturated']:.1%}" for r in plain))
+    if guarded is not None:
+        measured += (f"; scale {guarded['scale']:g} with dynamic thresholding {guarded['guard']:g}: accuracy "
+                     f"{guarded['accuracy']:.0%}, saturated {guarded['saturated']:.1%}")
+    how = "" if plain_ok else (" (with dynamic thresholding at the largest scale)" if guard_ok else "")
+    return {"name": f"classifier guidance from the unconditional model, {sampler}: accuracy rises steadily, diversity "
+                    f"falls, saturated pixels within {SATURATION_BAR:.0%} of the unguided run",
+            "measured": measured + how, "met": steady and diversity_falls and (plain_ok or guard_ok)}
 
 
 def evaluate_upsampler(registry: ModelRegistry, settings: EvalSettings, with_evaluator: bool) -> dict:
@@ -275,7 +340,8 @@ def trade_off(rows: list[dict]) -> dict:
             "scales": [lo["scale"], hi["scale"]]}
 
 
-def bars(sweep: dict | None, upsampler: dict | None, missing: dict) -> list[dict]:
+def bars(sweep: dict | None, upsampler: dict | None, missing: dict, samplers: dict | None = None,
+         samples: int = 0) -> list[dict]:
     """Each bar: name, measured (text), met (True / False / None = not evaluated), reason when not evaluated."""
     out = []
 
@@ -313,6 +379,9 @@ def bars(sweep: dict | None, upsampler: dict | None, missing: dict) -> list[dict
             measured += (f"; the network's one-evaluation estimate (x0 predicted at the first step) "
                          f"{upsampler['first_step_x0_gain_db']:+.2f} dB")
         out.append({"name": name + " (samples)", "measured": measured, "met": gain >= PSNR_BAR_DB})
+    if samplers is not None:
+        out += [sampler_bar(name, samplers["rows"], samples) for name in dict.fromkeys(r["sampler"]
+                                                                                      for r in samplers["rows"])]
     return out
 
 
@@ -394,22 +463,23 @@ def render_card(report: dict) -> str:
                   f"precision {s['precision']}, {s['samples']} images per setting (balanced: image i asks for class "
                   f"i mod {len(sweep['class_names'])}, starts from seed {s['seed']} + i; the same seeds in every "
                   f"setting). CFG scale s means eps_u + s (eps_c - eps_u) (0 = unconditional, 1 = conditional); "
-                  f"classifier guidance uses `{CLASSIFIER}` on the conditional model (CFG 1), so its scale 0 is "
-                  f"the CFG 1 sample set.", "",
+                  f"classifier guidance uses `{CLASSIFIER}` from the unconditional model (CFG 0), where it has "
+                  f"something to do, so its scale 0 is the CFG 0 sample set.", "",
                   f"Graded by `{EVALUATOR}` (never used for guidance) against {s['samples']} real renders of "
                   f"held-out scenes (seed {s['real_seed']}; training draws from default_rng([0, step])). Accuracy: "
                   f"the evaluator's top-1 class equals the requested one. FD: Frechet distance of Gaussians fitted "
                   f"to evaluator features. Precision / recall: k = {s['k']} nearest-neighbour balls (Kynkaanniemi et "
                   f"al. 2019). Diversity: mean pairwise feature distance within a class, averaged over classes. "
-                  f"Pixel std: per-pixel standard deviation within a class ([0, 1] units). The first row grades "
+                  f"Pixel std: per-pixel standard deviation within a class ([0, 1] units). Saturated: the fraction "
+                  f"of pixels with a channel at 0 or 255. The first row grades "
                   f"another {s['samples']} real renders (seed {s['real_seed'] + 1}): what a perfect model scores.",
-                  "", "| guidance | scale | accuracy | FD | precision | recall | diversity | pixel std |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "", "| guidance | scale | accuracy | FD | precision | recall | diversity | pixel std | saturated |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in [sweep["real"]] + sweep["cfg"] + sweep["classifier"]:
             scale = "-" if row["scale"] is None else f"{row['scale']:g}"
             lines.append(f"| {GUIDANCE_LABELS[row['guidance']]} | {scale} | " + " | ".join(
-                _fmt(k, row[k]) for k in ("accuracy", "frechet_distance", "precision", "recall", "diversity",
-                                          "pixel_std")) + " |")
+                _fmt(k, row.get(k)) for k in ("accuracy", "frechet_distance", "precision", "recall", "diversity",
+                                              "pixel_std", "saturated")) + " |")
         names = sweep["class_names"]
         lines += ["", "Accuracy per class:", "", "| guidance | scale | " + " | ".join(names) + " |",
                   "|---|---:|" + "---:|" * len(names)]
@@ -420,6 +490,26 @@ def render_card(report: dict) -> str:
         if report.get("samples_png"):
             lines += ["", f"![first sample of every class per setting]({report['samples_png']})", "",
                       "Rows: the settings above (real renders first), columns: classes."]
+
+    per_sampler = report.get("sampler_sweep")
+    if per_sampler is not None:
+        lines += ["", "## Classifier guidance from the unconditional model, per sampler", "",
+                  f"`{BASE}` at CFG 0 (the unconditional model: its null label) guided by `{CLASSIFIER}`, "
+                  f"respacing \"{s['respacing']}\" ({per_sampler['steps']} steps), {s['sampler_samples']} images "
+                  f"per setting (image i asks for class i mod {len(sweep['class_names']) if sweep else 8} and "
+                  f"starts from seed {s['seed']} + i in every setting), graded as above. The last row of each "
+                  f"sampler repeats its largest scale with dynamic thresholding (Saharia et al. 2022) at the "
+                  f"{s['guard']:g} percentile. Heun evaluates the networks twice per step.", "",
+                  "| sampler | scale | dynamic thresholding | accuracy | diversity | saturated | FD | seconds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in per_sampler["rows"]:
+            lines.append(f"| {row['sampler']} | {row['scale']:g} | {row['guard'] or '-'} | "
+                         f"{_fmt('accuracy', row['accuracy'])} | {_fmt('diversity', row['diversity'])} | "
+                         f"{row['saturated']:.1%} | {_fmt('frechet_distance', row['frechet_distance'])} | "
+                         f"{row['seconds']:g} |")
+        if report.get("samplers_png"):
+            lines += ["", f"![first sample of every class per sampler and scale]({report['samplers_png']})", "",
+                      "Rows: the settings of the table, in its order; columns: classes."]
 
     up = report["upsampler"]
     if up is not None:
@@ -454,7 +544,7 @@ def render_card(report: dict) -> str:
                       "Columns: 32 px input (nearest), bicubic, upsampler, true 128 px render."]
 
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | {', '.join(f'{v:g}' for v in value) if isinstance(value, list) else value} |"
+    lines += [f"| {k} | {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in value) if isinstance(value, list) else value} |"
               for k, value in s.items()]
     lines += ["", "Timing: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["timing"].items()) + ".", ""]
     return "\n".join(lines)
@@ -463,6 +553,11 @@ def render_card(report: dict) -> str:
 def _sample_grid(sweep: dict) -> Image.Image:
     rows = [sweep["real_grid"]] + [sweep["grids"][r["cfg_scale"], r["classifier_scale"]]
                                    for r in sweep["cfg"] + sweep["classifier"]]
+    return image_grid(np.concatenate(rows), columns=len(rows[0]), scale=2)
+
+
+def _samplers_grid(per_sampler: dict) -> Image.Image:
+    rows = [per_sampler["grids"][r["sampler"], r["scale"], r["guard"]] for r in per_sampler["rows"]]
     return image_grid(np.concatenate(rows), columns=len(rows[0]), scale=2)
 
 
@@ -507,6 +602,11 @@ def evaluate(checkpoints: Path, out: Path, settings: EvalSettings, command: str,
         tick = time.time()
         sweep = guidance_sweep(registry, settings, with_classifier=CLASSIFIER not in missing)
         timing["guidance sweep"] = time.time() - tick
+    per_sampler = None
+    if sweep is not None and CLASSIFIER not in missing and settings.samplers:
+        tick = time.time()
+        per_sampler = sampler_sweep(registry, settings)
+        timing["per-sampler sweep"] = time.time() - tick
     up = None
     if UPSAMPLER not in missing:
         tick = time.time()
@@ -519,13 +619,17 @@ def evaluate(checkpoints: Path, out: Path, settings: EvalSettings, command: str,
     if sweep is not None:
         _sample_grid(sweep).save(out / "model_card_samples.png")
         report["samples_png"] = "model_card_samples.png"
+    if per_sampler is not None:
+        _samplers_grid(per_sampler).save(out / "model_card_samplers.png")
+        report["samplers_png"] = "model_card_samplers.png"
     if up is not None:
         _upsampler_grid(up).save(out / "model_card_upsampler.png")
         report["upsampler_png"] = "model_card_upsampler.png"
     report["guidance_sweep"] = None if sweep is None else {
         k: v for k, v in sweep.items() if k not in ("grids", "real_grid")}
     report["upsampler"] = None if up is None else {k: v for k, v in up.items() if k != "examples"}
-    report["bars"] = bars(sweep, up, missing)
+    report["sampler_sweep"] = None if per_sampler is None else {k: v for k, v in per_sampler.items() if k != "grids"}
+    report["bars"] = bars(sweep, up, missing, per_sampler, settings.sampler_samples)
     report["timing"] = timing
     report["seconds"] = time.time() - started
     report = _jsonable(report)
@@ -557,7 +661,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", help=f"base sampler (default {defaults.sampler})")
     parser.add_argument("--respacing", help=f"base respacing (default {defaults.respacing})")
     parser.add_argument("--cfg_scales", type=_scales, help="comma-separated (default 0,1,3,5)")
-    parser.add_argument("--classifier_scales", type=_scales, help="comma-separated (default 0,1,3,5)")
+    parser.add_argument("--classifier_scales", type=_scales, help="comma-separated, from the unconditional model "
+                        "(default 0,1,3,10)")
+    parser.add_argument("--samplers", type=lambda text: tuple(v.strip() for v in text.split(",") if v.strip()),
+                        help="samplers of the per-sampler classifier-guidance sweep, comma-separated (default: all; "
+                        "'' skips it)")
+    parser.add_argument("--sampler_samples", type=int,
+                        help=f"images per per-sampler setting (default {defaults.sampler_samples})")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--sr_samples", type=int, help=f"held-out scenes to upsample (default {defaults.sr_samples})")
     parser.add_argument("--sr_batch", type=int)
@@ -570,12 +680,17 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = replace(defaults, **QUICK) if args.quick else defaults
     overrides = {k: getattr(args, k) for k in ("samples", "batch", "sampler", "respacing", "cfg_scales",
-                                                 "classifier_scales", "seed", "sr_samples", "sr_batch",
-                                                 "sr_sampler", "sr_respacing", "precision")
+                                                 "classifier_scales", "samplers", "sampler_samples", "seed",
+                                                 "sr_samples", "sr_batch", "sr_sampler", "sr_respacing", "precision")
                  if getattr(args, k) is not None}
     settings = replace(settings, **overrides)
     if settings.samples <= settings.k or settings.batch < 1 or settings.sr_samples < 1 or settings.sr_batch < 1:
         parser.error(f"--samples must exceed k={settings.k}; batch sizes and --sr_samples must be >= 1")
+    if settings.samplers and settings.sampler_samples <= settings.k:
+        parser.error(f"--sampler_samples must exceed k={settings.k}")
+    unknown = [name for name in settings.samplers if name not in SAMPLERS]
+    if unknown:
+        parser.error(f"--samplers: unknown {', '.join(unknown)} (choose from {', '.join(SAMPLERS)})")
     if args.threads:
         torch.set_num_threads(args.threads)
     command = shlex.join(["python", "-m", "explore.evaluate", *argv])

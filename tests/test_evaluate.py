@@ -65,16 +65,16 @@ def test_quick_run_sweeps_every_scale_with_balanced_classes(quick_run):
     _, report, card = quick_run
     sweep = report["guidance_sweep"]
     assert [r["scale"] for r in sweep["cfg"]] == [0, 1, 3, 5]
-    assert [r["scale"] for r in sweep["classifier"]] == [0, 1, 3, 5]
-    assert [r["cfg_scale"] for r in sweep["classifier"]] == [1, 1, 1, 1]
+    assert [r["scale"] for r in sweep["classifier"]] == [0, 1, 3, 10]
+    assert [r["cfg_scale"] for r in sweep["classifier"]] == [0, 0, 0, 0]  # from the unconditional model
     for row in [sweep["real"]] + sweep["cfg"] + sweep["classifier"]:
         assert row["samples"] == 16 and len(row["per_class_accuracy"]) == 8
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
         assert row["frechet_distance"] >= 0 and row["diversity"] > 0
         # Two images per class: the overall accuracy is the mean of the per-class ones.
         assert row["accuracy"] == pytest.approx(np.mean(row["per_class_accuracy"]))
-    cfg1, cls0 = sweep["cfg"][1], sweep["classifier"][0]
-    assert {k: v for k, v in cfg1.items() if k not in ("guidance", "scale", "classifier_scale")} == \
+    cfg0, cls0 = sweep["cfg"][0], sweep["classifier"][0]
+    assert {k: v for k, v in cfg0.items() if k not in ("guidance", "scale", "classifier_scale")} == \
            {k: v for k, v in cls0.items() if k not in ("guidance", "scale", "classifier_scale")}
     cfg3 = sweep["cfg"][2]
     assert f"| CFG | 3 | {cfg3['accuracy']:.1%} | {cfg3['frechet_distance']:.2f} |" in card
@@ -92,13 +92,44 @@ def test_quick_run_compares_the_upsampler_with_bicubic(quick_run):
 def test_bars_are_computed_and_stated(quick_run):
     _, report, card = quick_run
     bars = {b["name"]: b for b in report["bars"]}
-    assert len(bars) == 4 and all(b["met"] in (True, False) for b in bars.values())
+    assert len(bars) == 4 + 6 and all(b["met"] in (True, False) for b in bars.values())
     accuracy = bars["evaluation accuracy at CFG 3 >= 90%"]
     assert accuracy["met"] == (report["guidance_sweep"]["cfg"][2]["accuracy"] >= 0.9)
     psnr = next(b for name, b in bars.items() if "bicubic" in name)
     assert psnr["met"] == (report["upsampler"]["psnr_gain_db"] >= 1.0)
     for bar in bars.values():
         assert f"| {bar['name']} | {bar['measured']} | **{'met' if bar['met'] else 'not met'}** |" in card
+
+
+def test_quick_run_sweeps_classifier_guidance_with_every_sampler(quick_run):
+    out, report, card = quick_run
+    rows = report["sampler_sweep"]["rows"]
+    samplers = ["ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m"]
+    assert [(r["sampler"], r["scale"], r["guard"]) for r in rows] == \
+        [(s, scale, 0) for s in samplers for scale in (0, 1, 3, 10)] + [(s, 10, 0.995) for s in samplers]
+    assert all(r["samples"] == 8 and 0 <= r["saturated"] <= 1 for r in rows)
+    assert (out / "model_card_samplers.png").exists() and "## Classifier guidance from the unconditional model" in card
+    ddim = [r for r in rows if r["sampler"] == "ddim"]
+    assert f"| ddim | 10 | 0.995 | {ddim[-1]['accuracy']:.1%} |" in card
+
+
+def test_sampler_bar_rule():
+    def row(scale, accuracy, diversity, saturated, guard=0.0):
+        return {"sampler": "ddim", "scale": scale, "guard": guard, "accuracy": accuracy, "diversity": diversity,
+                "saturated": saturated}
+    rows = [row(0, 0.1, 9, 0.01), row(1, 0.5, 8, 0.02), row(3, 0.9, 6, 0.03), row(10, 1.0, 4, 0.05)]
+    assert evaluate.sampler_bar("ddim", rows, 48)["met"]
+    rows[2]["accuracy"] = 0.46  # a drop within two images' share (of 48) is noise; more is no steady rise
+    assert evaluate.sampler_bar("ddim", rows, 48)["met"]
+    rows[2]["accuracy"] = 0.44
+    assert not evaluate.sampler_bar("ddim", rows, 48)["met"]
+    rows[2]["accuracy"] = 0.9
+    rows[3]["saturated"] = 0.30  # blobs at the largest scale ...
+    assert not evaluate.sampler_bar("ddim", rows, 48)["met"]
+    bar = evaluate.sampler_bar("ddim", rows + [row(10, 1.0, 4, 0.02, guard=0.995)], 48)
+    assert bar["met"] and "with dynamic thresholding" in bar["measured"]  # ... that the guard removes
+    rows[3]["saturated"], rows[3]["diversity"] = 0.05, 9.5  # diversity must fall
+    assert not evaluate.sampler_bar("ddim", rows, 48)["met"]
 
 
 def test_trade_off_rule():
