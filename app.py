@@ -222,7 +222,8 @@ def compare_tab(ctx: AppContext, session: gr.State):
     column_axis.change(handler.axis_changed, [column_axis], [column_values], show_progress="hidden", queue=False)
 
 
-def trajectory_tab(session: gr.State):
+def trajectory_tab(ctx: AppContext, session: gr.State):
+    from explore.ui import pair  # here, not at the top: the other tabs' imports are edited elsewhere
     info = gr.Markdown("No run yet: sample one on the **Live sampling** tab (or load a trajectory file).",
                        elem_id="trajectory-info")
     with gr.Row():
@@ -256,6 +257,30 @@ def trajectory_tab(session: gr.State):
               **LIGHT)
     tol.release(trajectory.settle_for, [session, image_choice, tol], [settle], api_name="trajectory_settle",
                 **LIGHT)
+
+    with gr.Accordion("Two runs side by side", open=False, elem_id="pair") as pair_section:
+        pair_info = gr.Markdown(pair.NO_SWEEP, elem_id="pair-info")
+        with gr.Row():
+            run_a = Dropdown([], label="Run A", allow_custom_value=True, elem_id="pair-a", scale=2)
+            run_b = Dropdown([], label="Run B", allow_custom_value=True, elem_id="pair-b", scale=2)
+            pair_image = Number(0, label="Image of each cell", precision=0, minimum=0, elem_id="pair-image",
+                                scale=1, min_width=120)
+        with gr.Row():
+            refresh = gr.Button("Refresh from the last comparison", elem_id="pair-refresh")
+            play = gr.Button("Play side by side", variant="primary", elem_id="pair-play")
+            pair_stop = gr.Button("Stop", variant="stop", elem_id="pair-stop")
+        pair_status = gr.Markdown(elem_id="pair-status")
+        pair_bar = gr.HTML(progress.bar(0, 1), elem_id="pair-progress", padding=False)
+        frames = gr.HTML(elem_id="pair-frames", elem_classes=["pixelated"], js_on_load=None)
+        parting = gr.Plot(label="Where A and B part", format="png", elem_id="pair-plot", show_label=False)
+    pairing = pair.Pair(ctx)
+    cells = dict(fn=pairing.cells, inputs=[session], outputs=[run_a, run_b, pair_info], show_progress="hidden",
+                 **LIGHT)
+    refresh.click(**cells, api_name="pair_cells")
+    pair_section.expand(**cells, api_name="pair_cells_on_open")
+    streaming(play.click, "pair", gpu(300)(page_errors(pairing.play)), [run_a, run_b, pair_image, session],
+              [frames, pair_status, pair_bar, parting], api_name="pair_play", show_progress="hidden", **HEAVY)
+    pair_stop.click(pairing.stop, [session], None, api_name="pair_stop", queue=False)
     return loaded, show, tol
 
 
@@ -377,7 +402,7 @@ def build(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("Guidance comparison", id="compare"):
                 compare_tab(ctx, session)
             with gr.Tab("Trajectory explorer", id="trajectory"):
-                loaded, show, tol = trajectory_tab(session)
+                loaded, show, tol = trajectory_tab(ctx, session)
             with gr.Tab("Upsampling lab", id="upsample"):
                 upsample_tab(ctx, session)
             with gr.Tab("Models", id="models"):

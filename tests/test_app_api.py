@@ -20,6 +20,7 @@ ENDPOINTS = {
     "/trajectory_after_run", "/trajectory_show_after_run",
     "/upsample_generated", "/suggest_classes", "/upsample_wild", "/upsample_wild_classes", "/stop_upsample",
     "/upsampler_options", "/new_session",
+    "/pair_cells", "/pair_cells_on_open", "/pair_play", "/pair_stop",
 }
 
 
