@@ -146,9 +146,37 @@ def test_comparison_grid_fills(page):
     assert page.get_attribute("#compare-table [role=grid]", "aria-rowcount") == "5"  # header + 4 cells
     table = text(page, "#compare-table")
     numbers = re.findall(r"^\s*-?\d+(?:\.\d+)?\s*$", table, flags=re.M)
-    assert len(numbers) == 4 * 6, table  # scales, confidence, accuracy, diversity and time per cell
+    assert len(numbers) == 4 * 7, table  # scales, confidence, accuracy, diversity, saturated and time per cell
     page.wait_for_selector("#compare-tradeoff img", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "guidance-comparison.png"), full_page=True)
+
+
+TABLE_ROWS = """[...document.querySelectorAll('#compare-table tbody tr')].map(
+    row => [...row.querySelectorAll('td')].map(cell => cell.innerText.trim()))"""
+
+
+def test_comparison_defaults_show_the_guidance_trade_off(page):
+    """The first click: from the unconditional model (CFG 0), classifier guidance raises accuracy cell by cell,
+    and every cell is an image (no saturated blobs)."""
+    page.set_viewport_size({"width": 1366, "height": 768})
+    page.get_by_role("tab", name="Guidance comparison").click()
+    page.click("#compare-run")
+    started = time.time()
+    wait_text(page, "#compare-status", r"Finished 12 cells", timeout=600)
+    record_timing("Guidance comparison defaults, 12 cells: click to finished (s)", time.time() - started)
+    header = page.evaluate("[...document.querySelectorAll('#compare-table thead th')].map(c => c.innerText.trim())")
+    rows = [dict(zip(header, (float(v) for v in row))) for row in page.evaluate(TABLE_ROWS)]
+    assert len(rows) == 12, (header, rows)
+    assert all(row["saturated"] < 0.2 for row in rows), rows
+    unconditional = [row["accuracy"] for row in rows if row["CFG scale"] == 0]
+    assert len(unconditional) == 4 and unconditional[-1] > unconditional[0], rows
+    assert all(b >= a for a, b in zip(unconditional, unconditional[1:])), unconditional
+    natural, shown = page.evaluate("(() => { const i = document.querySelector('#compare-grid img');"
+                                   " return [i.naturalWidth, i.getBoundingClientRect().width]; })()")
+    assert natural == shown, (natural, shown)  # drawn at a whole enlargement, shown pixel for pixel
+    page.wait_for_selector("#compare-tradeoff img", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "comparison-defaults.png"))
+    page.screenshot(path=str(ARTIFACTS / "comparison-defaults-full.png"), full_page=True)
 
 
 def test_upsampling_lab_shows_images_and_numbers(page):

@@ -68,3 +68,32 @@ def test_upsampler_keeps_a_real_render_close_to_the_truth(registry):
     assert final.x.shape == (2, 3, 128, 128)
     mse = float(((final.x - truth) / 2).pow(2).mean())
     assert 10 * np.log10(1 / mse) > 20  # an upsampling of the right picture (the card measures it properly)
+
+
+def test_the_noisy_classifier_gradient_fades_with_the_signal(registry):
+    """d/dx_t log p(y | x_t) of the true classifier vanishes like sqrt(abar_t); score-form guidance multiplies it by
+    (1 - abar) / sqrt(abar), 2e4 at the cosine schedule's last timestep. The gated classifier's gradient there is a
+    small fraction of its gradient where the class starts to show."""
+    from explore.guidance import classifier_log_prob_and_grad
+    from explore.schedules import Schedule
+    labels = torch.arange(8)
+    images, _ = scenes.render_batch(3, 8, 32, labels=labels.numpy())
+    x0 = from_uint8(images)
+    abar = Schedule.named("cosine", 1000).alphas_cumprod
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    norms = {}
+    for t in (999, 960):
+        x_t = float(abar[t]) ** 0.5 * x0 + float(1 - abar[t]) ** 0.5 * noise
+        _, grad = classifier_log_prob_and_grad(registry.get(CLF).module, x_t, torch.full((8,), t), labels)
+        norms[t] = float(grad.flatten(1).norm(dim=1).mean())
+    assert norms[999] < 0.01 * norms[960], norms
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpmpp_2m"])
+def test_classifier_guidance_from_the_unconditional_model_keeps_images_on_every_sampler(registry, sampler):
+    """The blow-up this replaced: score-form guidance from t=999 left >90% of pixels saturated at scale 3."""
+    from explore.metrics import saturated_fraction
+    from explore.outputs import to_uint8
+    recipe = Recipe(model=BASE, sampler=sampler, respacing="25", cfg_scale=0.0, classifier=CLF, classifier_scale=3.0,
+                    batch_size=4, seed=0, class_label=0)
+    assert saturated_fraction(to_uint8(run(recipe, registry).x)) < 0.15
