@@ -136,6 +136,7 @@ def grade(features: np.ndarray, logits: np.ndarray, images: np.ndarray, labels: 
         "diversity": metrics.diversity(features, labels),
         "pixel_std": metrics.pixel_std(images, labels),
         "saturated": metrics.saturated_fraction(images),
+        "grain": metrics.grain(images),
     }
 
 
@@ -399,7 +400,7 @@ def _why(sweep, missing) -> str | None:
 # --- the card ---------------------------------------------------------------------------------------
 
 GUIDANCE_LABELS = {"real": "real renders", "cfg": "CFG", "classifier": "classifier"}
-FORMATS = {"accuracy": "{:.1%}", "per_class": "{:.0%}", "frechet_distance": "{:.2f}", "precision": "{:.3f}",
+FORMATS = {"saturated": "{:.1%}", "grain": "{:.1f}", "accuracy": "{:.1%}", "per_class": "{:.0%}", "frechet_distance": "{:.2f}", "precision": "{:.3f}",
            "recall": "{:.3f}", "diversity": "{:.3f}", "pixel_std": "{:.4f}"}
 
 
@@ -471,15 +472,16 @@ def render_card(report: dict) -> str:
                   f"to evaluator features. Precision / recall: k = {s['k']} nearest-neighbour balls (Kynkaanniemi et "
                   f"al. 2019). Diversity: mean pairwise feature distance within a class, averaged over classes. "
                   f"Pixel std: per-pixel standard deviation within a class ([0, 1] units). Saturated: the fraction "
-                  f"of pixels with a channel at 0 or 255. The first row grades "
+                  f"of pixels with a channel at 0 or 255. Grain: mean absolute difference of neighbouring pixels "
+                  f"(0-255), which noise left by the sampler raises above the real renders'. The first row grades "
                   f"another {s['samples']} real renders (seed {s['real_seed'] + 1}): what a perfect model scores.",
-                  "", "| guidance | scale | accuracy | FD | precision | recall | diversity | pixel std | saturated |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "", "| guidance | scale | accuracy | FD | precision | recall | diversity | pixel std | saturated | "
+                  "grain |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in [sweep["real"]] + sweep["cfg"] + sweep["classifier"]:
             scale = "-" if row["scale"] is None else f"{row['scale']:g}"
             lines.append(f"| {GUIDANCE_LABELS[row['guidance']]} | {scale} | " + " | ".join(
                 _fmt(k, row.get(k)) for k in ("accuracy", "frechet_distance", "precision", "recall", "diversity",
-                                              "pixel_std", "saturated")) + " |")
+                                              "pixel_std", "saturated", "grain")) + " |")
         names = sweep["class_names"]
         lines += ["", "Accuracy per class:", "", "| guidance | scale | " + " | ".join(names) + " |",
                   "|---|---:|" + "---:|" * len(names)]
@@ -500,12 +502,13 @@ def render_card(report: dict) -> str:
                   f"starts from seed {s['seed']} + i in every setting), graded as above. The last row of each "
                   f"sampler repeats its largest scale with dynamic thresholding (Saharia et al. 2022) at the "
                   f"{s['guard']:g} percentile. Heun evaluates the networks twice per step.", "",
-                  "| sampler | scale | dynamic thresholding | accuracy | diversity | saturated | FD | seconds |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| sampler | scale | dynamic thresholding | accuracy | diversity | saturated | grain | FD | seconds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in per_sampler["rows"]:
             lines.append(f"| {row['sampler']} | {row['scale']:g} | {row['guard'] or '-'} | "
                          f"{_fmt('accuracy', row['accuracy'])} | {_fmt('diversity', row['diversity'])} | "
-                         f"{row['saturated']:.1%} | {_fmt('frechet_distance', row['frechet_distance'])} | "
+                         f"{row['saturated']:.1%} | {row['grain']:.1f} | "
+                         f"{_fmt('frechet_distance', row['frechet_distance'])} | "
                          f"{row['seconds']:g} |")
         if report.get("samplers_png"):
             lines += ["", f"![first sample of every class per sampler and scale]({report['samplers_png']})", "",

@@ -153,3 +153,10 @@ def saturated_fraction(images: np.ndarray) -> float:
     """Fraction of pixels (uint8 NHWC) with a channel at 0 or 255: clipped, as guidance that overshoots leaves them."""
     images = np.asarray(images)
     return float(((images == 0) | (images == 255)).any(axis=-1).mean())
+
+
+def grain(images: np.ndarray) -> float:
+    """Mean absolute difference between horizontally and vertically neighbouring pixels (uint8 NHWC, 0-255 units):
+    high-frequency energy, which sampling noise left in an image raises above that of real images."""
+    x = np.asarray(images, dtype=np.float32)
+    return float((np.abs(np.diff(x, axis=1)).mean() + np.abs(np.diff(x, axis=2)).mean()) / 2)
