@@ -1,11 +1,16 @@
 """Two runs side by side (Trajectory explorer): same noise, aligned steps, where they part, stop, messages."""
 from __future__ import annotations
 
+import base64
+import io
+import re
 from dataclasses import replace
 
 import gradio as gr
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from explore.engine import Recipe, plan
 from explore.ui.pair import VISIBLE_GREY, Curves, Pair, parting_step, settled_step, shorter_step, walk_together
@@ -60,7 +65,10 @@ def test_identical_cells_never_part(app_context):
     frames, status, bar, _ = outputs[-1]
     assert len(outputs) == 1 + 5  # the intro, then every step
     assert "identical at every step" in status and 'aria-valuenow="5"' in bar
-    assert frames.count("<img") == 6
+    views = [np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+             for data in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', frames)]
+    assert len(views) == 6 and views[0].shape == (32, 32, 3)
+    assert not views[2].any() and not views[5].any()  # |A - B| is black everywhere
     curves = Curves(5)
     runs = [plan(replace(CELL, batch_size=1), app_context.registry).steps() for _ in range(2)]
     for a, b in walk_together(runs, [5, 5], lambda: False):

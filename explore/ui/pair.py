@@ -23,7 +23,7 @@ from explore.ui.session import Session, ensure
 GREY = 127.5  # grey levels (of 255) per unit of the images' [-1, 1] range: every difference is reported in these
 VISIBLE_GREY = 8.0  # RMS difference above which two images look different: 8 of 255 grey levels (0.063 in [-1, 1])
 SETTLED_FRACTION = 0.1  # settled: from that step on the x0 difference's RMS stays within 10% of its last value
-DIFF_SPAN_GREY = 64.0  # difference views: mid grey = equal, white / black = A brighter / darker by this or more
+DIFF_SPAN_GREY = 64.0  # difference views: black = equal, white = this many grey levels apart or more
 NO_SWEEP = ("No comparison yet: run a sweep on the **Guidance comparison** tab first; any two of its cells can then "
             "be played here side by side.")
 
@@ -119,16 +119,22 @@ def _view(x: torch.Tensor, alt: str) -> str:
     return images.inline_png(to_uint8(x[:1])[0], alt)
 
 
+def _difference_view(a: torch.Tensor, b: torch.Tensor, alt: str) -> str:
+    """Per pixel, the RMS over colour channels of A - B: black = equal, white = DIFF_SPAN_GREY or more."""
+    grey = (a[:1].float() - b[:1].float()).pow(2).mean(1, keepdim=True).sqrt() * GREY / DIFF_SPAN_GREY
+    return _view(grey.clamp(0, 1).expand(-1, 3, -1, -1) * 2 - 1, alt)
+
+
 def frames_html(a: Step, b: Step) -> str:
-    """x_t and predicted x0 of A and B and their differences, small inline PNGs the page enlarges."""
-    scale = GREY / DIFF_SPAN_GREY
+    """x_t and predicted x0 of A and B and where they differ, small inline PNGs the page enlarges."""
+    x0_a, x0_b = a.pred_x0.clamp(-1, 1), b.pred_x0.clamp(-1, 1)
+    span = f"black = equal, white = {DIFF_SPAN_GREY:g}+ grey levels"
     cells = [(_view(a.x, "x_t of A"), f"x_t · A (step {a.index + 1}/{a.total})"),
              (_view(b.x, "x_t of B"), f"x_t · B (step {b.index + 1}/{b.total})"),
-             (_view((a.x - b.x) * scale, "x_t A - B"), f"x_t A − B (±{DIFF_SPAN_GREY:g} grey levels)"),
-             (_view(a.pred_x0, "predicted x0 of A"), "predicted x0 · A"),
-             (_view(b.pred_x0, "predicted x0 of B"), "predicted x0 · B"),
-             (_view((a.pred_x0.clamp(-1, 1) - b.pred_x0.clamp(-1, 1)) * scale, "predicted x0 A - B"),
-              f"predicted x0 A − B (±{DIFF_SPAN_GREY:g} grey levels)")]
+             (_difference_view(a.x, b.x, "x_t: |A - B|"), f"x_t |A − B| ({span})"),
+             (_view(x0_a, "predicted x0 of A"), "predicted x0 · A"),
+             (_view(x0_b, "predicted x0 of B"), "predicted x0 · B"),
+             (_difference_view(x0_a, x0_b, "predicted x0: |A - B|"), f"predicted x0 |A − B| ({span})")]
     figures = "".join(f'<div class="pair-cell">{img}<div class="pair-caption">{html.escape(caption)}</div></div>'
                       for img, caption in cells)
     return f'<div class="pair-grid">{figures}</div>'
