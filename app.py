@@ -174,10 +174,13 @@ def compare_tab(ctx: AppContext, session: gr.State):
                                        elem_id="compare-column-axis")
                 column_values = gr.Textbox("0, 1, 3", label="Column values", min_width=120,
                                            elem_id="compare-cfg-scales", info="CFG 0 is the unconditional model")
+            with gr.Row():
+                run = gr.Button("Run sweep", variant="primary", elem_id="compare-run")
+                stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
             gr.Markdown("Every other option is the same in each cell:", elem_classes=["compare-note"])
             with gr.Row():
                 form.widget("sampler", value="ddim", min_width=120)
-                form.widget("respacing", value="25", min_width=120, elem_id="compare-respacing", info=None)
+                form.widget("respacing", value="20", min_width=120, elem_id="compare-respacing", info=None)
             with gr.Row():
                 form.widget("batch_size", maximum=8, value=4, label="Images per cell", min_width=120,
                             elem_id="compare-per-cell")
@@ -191,9 +194,6 @@ def compare_tab(ctx: AppContext, session: gr.State):
                 form.widget("guidance_interval")
             evaluator = Dropdown(["none", *evaluators], value=evaluators[0] if evaluators else "none",
                                  label="Evaluation classifier (never used for guidance)")
-            with gr.Row():
-                run = gr.Button("Run sweep", variant="primary", elem_id="compare-run")
-                stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
         with gr.Column(scale=2, min_width=320):
             status = gr.Markdown("Same seed, same start noise and per-step noise in every cell; rows and columns "
                                  "sweep two options. From the unconditional model (CFG 0) classifier guidance has "
