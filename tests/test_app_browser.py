@@ -151,8 +151,8 @@ def test_comparison_grid_fills(page):
     page.screenshot(path=str(ARTIFACTS / "guidance-comparison.png"), full_page=True)
 
 
-TABLE_ROWS = """[...document.querySelectorAll('#compare-table tbody tr')].map(
-    row => [...row.querySelectorAll('td')].map(cell => cell.innerText.trim()))"""
+TABLE_ROWS = """[...document.querySelectorAll('#compare-table [role=row]')].map(
+    row => [...row.querySelectorAll('[role=gridcell], td, th')].map(cell => cell.innerText.trim()))"""
 
 
 def test_comparison_defaults_show_the_guidance_trade_off(page):
@@ -164,8 +164,8 @@ def test_comparison_defaults_show_the_guidance_trade_off(page):
     started = time.time()
     wait_text(page, "#compare-status", r"Finished 12 cells", timeout=600)
     record_timing("Guidance comparison defaults, 12 cells: click to finished (s)", time.time() - started)
-    header = page.evaluate("[...document.querySelectorAll('#compare-table thead th')].map(c => c.innerText.trim())")
-    rows = [dict(zip(header, (float(v) for v in row))) for row in page.evaluate(TABLE_ROWS)]
+    header, *cells = page.evaluate(TABLE_ROWS)
+    rows = [dict(zip(header, (float(v) for v in row))) for row in cells]
     assert len(rows) == 12, (header, rows)
     assert all(row["saturated"] < 0.2 for row in rows), rows
     unconditional = [row["accuracy"] for row in rows if row["CFG scale"] == 0]
