@@ -180,7 +180,7 @@ def compare_tab(ctx: AppContext, session: gr.State):
             gr.Markdown("Every other option is the same in each cell:", elem_classes=["compare-note"])
             with gr.Row():
                 form.widget("sampler", value="ddim", min_width=120)
-                form.widget("respacing", value="20", min_width=120, elem_id="compare-respacing", info=None)
+                form.widget("respacing", value="15", min_width=120, elem_id="compare-respacing", info=None)
             with gr.Row():
                 form.widget("batch_size", maximum=8, value=4, label="Images per cell", min_width=120,
                             elem_id="compare-per-cell")

@@ -22,6 +22,8 @@ from explore.ui.session import Session, ensure
 
 MAX_VALUES = 6  # per axis
 NUMBERS = ["confidence", "accuracy", "diversity", "saturated", "seconds"]  # per cell, after the two axis values
+PROGRESS_EVERY_S = 0.5  # progress messages at most this often
+PLOT_EVERY_S = 8.0  # the trade-off plot is redrawn at most this often while cells fill (and at the end)
 GRID_WIDTH = 760  # px the grid is drawn to fit, cells enlarged by a whole factor (the page shows it 1:1)
 
 
@@ -185,13 +187,17 @@ class Comparison:
         note = "" if evaluator else " (no evaluator: numbers unavailable)"
         total_steps = sum(len(p.grid) for p in plans.values())
         yield self._view(sweep, f"Computing {len(plans)} cells{note}…", session)
-        done_steps = 0
+        done_steps, reported = 0, float("-inf")
         for key, cell in plans.items():
             started, last = time.perf_counter(), None
             for last in cell.steps(should_stop=session.should_stop("compare")):
-                progress((done_steps + last.index + 1, total_steps), desc=f"cell {len(sweep.table) + 1}/{len(plans)}")
+                if time.perf_counter() - reported >= PROGRESS_EVERY_S:  # each message costs the run CPU time
+                    reported = time.perf_counter()
+                    progress((done_steps + last.index + 1, total_steps),
+                             desc=f"cell {len(sweep.table) + 1}/{len(plans)}")
             if session.stop["compare"] or last is None:
-                yield self._view(sweep, f"Stopped after {len(sweep.table)} of {len(plans)} cells.", session)
+                yield self._view(sweep, f"Stopped after {len(sweep.table)} of {len(plans)} cells.", session,
+                                 plot=True)
                 return
             done_steps += len(cell.grid)
             seconds = time.perf_counter() - started
@@ -203,12 +209,16 @@ class Comparison:
         files = self._write(base, sweep, rows, cols, [recipes[key].class_label for key in plans])
         same = "seed" if row_axis.field == "seed" or col_axis.field == "seed" else f"seed {base.seed}"
         yield self._view(sweep, f"Finished {len(plans)} cells, same {same} and the same noise in each{note}.",
-                         session, files)
+                         session, files, plot=True)
 
-    def _view(self, sweep: "Sweep", status: str, session, files=None):
+    def _view(self, sweep: "Sweep", status: str, session, files=None, plot: bool = False):
+        """The outputs; the trade-off plot is redrawn at most every PLOT_EVERY_S (and when `plot`): drawing it
+        takes longer than a cell's image and table."""
         bar = progress_bar.bar(len(sweep.table), len(sweep.row_names) * len(sweep.col_names))
-        return (sweep.grid(), sweep.frame(), plots.tradeoff_figure(sweep.points, sweep.axis_labels), status, bar,
-                gr.update() if files is None else files, session)
+        figure = gr.update()
+        if plot or time.perf_counter() - sweep.plotted_at >= PLOT_EVERY_S:
+            figure, sweep.plotted_at = plots.tradeoff_figure(sweep.points, sweep.axis_labels), time.perf_counter()
+        return (sweep.grid(), sweep.frame(), figure, status, bar, gr.update() if files is None else files, session)
 
     def _write(self, base, sweep: "Sweep", rows, cols, labels):
         out = self.ctx.new_run_dir("compare")
@@ -242,6 +252,7 @@ class Sweep:
         width = min(per_cell, self.across)
         self.cell_size = ((down * (image_size + 1) - 1) * self.scale, (width * (image_size + 1) - 1) * self.scale)
         self.cells, self.notes, self.samples, self.table, self.points = {}, {}, {}, [], []
+        self.plotted_at = float("-inf")
 
     @property
     def axis_labels(self) -> tuple[str, str]:
