@@ -214,19 +214,17 @@ def guidance_sweep(registry: ModelRegistry, settings: EvalSettings, with_classif
                              "classifier_scale": classifier_scale, "seed": settings.seed,
                              "samples": settings.samples, **graded[cfg_scale, classifier_scale]})
     return {"real": real_row, "cfg": rows["cfg"], "classifier": rows["classifier"], "steps": steps,
-            "grids": grids, "real_grid": held_out[:num_classes],
+            "grids": grids, "real_grid": held_out[:num_classes], "real_features": real_features,
             "class_names": registry.get(BASE).class_names or list(scenes.CLASS_NAMES[:num_classes])}
 
 
-def sampler_sweep(registry: ModelRegistry, settings: EvalSettings) -> dict:
-    """Classifier guidance from the unconditional model (CFG 0) with every sampler, graded like the main sweep;
-    the largest scale once more with dynamic thresholding (settings.guard)."""
+def sampler_sweep(registry: ModelRegistry, settings: EvalSettings, real_features: np.ndarray) -> dict:
+    """Classifier guidance from the unconditional model (CFG 0) with every sampler, graded like the main sweep
+    (against its `real_features`); the largest scale once more with dynamic thresholding (settings.guard)."""
     device = registry.device
     evaluator = registry.get(EVALUATOR).module
     num_classes = registry.get(BASE).num_labels
     labels = balanced_labels(settings.sampler_samples, num_classes)
-    real = real_renders(settings.real_seed, balanced_labels(settings.samples, num_classes))
-    real_features, _ = evaluator_outputs(evaluator, real, device)
     settings_list = [(sampler, scale, 0.0) for sampler in settings.samplers for scale in settings.classifier_scales]
     settings_list += [(sampler, max(settings.classifier_scales), settings.guard) for sampler in settings.samplers]
     steps = len(space_timesteps(registry.get(BASE).diffusion.steps, settings.respacing))
@@ -608,7 +606,7 @@ def evaluate(checkpoints: Path, out: Path, settings: EvalSettings, command: str,
     per_sampler = None
     if sweep is not None and CLASSIFIER not in missing and settings.samplers:
         tick = time.time()
-        per_sampler = sampler_sweep(registry, settings)
+        per_sampler = sampler_sweep(registry, settings, sweep["real_features"])
         timing["per-sampler sweep"] = time.time() - tick
     up = None
     if UPSAMPLER not in missing:
@@ -629,7 +627,7 @@ def evaluate(checkpoints: Path, out: Path, settings: EvalSettings, command: str,
         _upsampler_grid(up).save(out / "model_card_upsampler.png")
         report["upsampler_png"] = "model_card_upsampler.png"
     report["guidance_sweep"] = None if sweep is None else {
-        k: v for k, v in sweep.items() if k not in ("grids", "real_grid")}
+        k: v for k, v in sweep.items() if k not in ("grids", "real_grid", "real_features")}
     report["upsampler"] = None if up is None else {k: v for k, v in up.items() if k != "examples"}
     report["sampler_sweep"] = None if per_sampler is None else {k: v for k, v in per_sampler.items() if k != "grids"}
     report["bars"] = bars(sweep, up, missing, per_sampler, settings.sampler_samples)
